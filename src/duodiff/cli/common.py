@@ -1,0 +1,35 @@
+"""Helpers shared by sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_model_argument", "load_model", "positive_int"]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def add_model_argument(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
+    help_ = "model folder or Hub repo id (default: the bundled hippocampus model)"
+    if positional:
+        p.add_argument("model", nargs="?", default=None, help=help_)
+    else:
+        p.add_argument("--model", "-m", default=None, help=help_)
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--variant", default=None, choices=["fp16"], help="load model.fp16.safetensors weights")
+
+
+def load_model(args: argparse.Namespace, *, device: str | None = None):
+    from ..bundled import bundled_model_path
+    from ..pipeline import DuoDiffusion
+
+    source = args.model if args.model is not None else bundled_model_path()
+    return DuoDiffusion.from_pretrained(source, revision=args.revision, variant=args.variant, device=device)

@@ -1,0 +1,65 @@
+"""``duodiff`` entry point: argument parsing, sub-command dispatch and error reporting.
+
+Bad input exits with code 2 and one line saying what is wrong and how to fix it; ``--debug`` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+#: sub-command name -> module in ``duodiff.cli`` defining ``add_parser(subparsers)`` and ``run(args)``.
+COMMANDS = {
+    "sample": "sample",
+    "info": "info",
+    "preview": "preview",
+}
+
+#: Exceptions that mean "the user gave bad input": reported in one line with exit code 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, FileExistsError,
+                                                 PermissionError, NotADirectoryError, IsADirectoryError, KeyError,
+                                                 OSError, ImportError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="duodiff",
+        description="Generate paired synthetic 3D (image, label) volumes with a Duo-Diffusion model.",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"duodiff {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module in COMMANDS.items():
+        importlib.import_module(f"duodiff.cli.{module}").add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("duodiff: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, KeyError):
+            msg = msg.strip("'\"")
+        print(f"duodiff {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""``duodiff preview``: a PNG montage (axial/coronal/sagittal, label overlay) of a sample folder or NIfTI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import positive_int
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("preview", help="write a PNG montage of a sample folder or a NIfTI image")
+    p.add_argument("path", help="folder with imagesTr/labelsTr, or a NIfTI image")
+    p.add_argument("--label", default=None, help="label NIfTI to overlay when PATH is a single image")
+    p.add_argument("--out", "-o", required=True, help="PNG to write")
+    p.add_argument("--max-cases", type=positive_int, default=4)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..preview import preview_folder
+
+    out = preview_folder(args.path, args.out, max_cases=args.max_cases, label=args.label)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,123 @@
+"""NIfTI reading/writing with correct affines, atomic file writes, nnU-Net / MSD folder layouts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+__all__ = [
+    "spacing_affine",
+    "atomic_write",
+    "write_nifti",
+    "read_nifti",
+    "write_json",
+    "nnunet_dataset_json",
+    "NIFTI_SUFFIX",
+]
+
+NIFTI_SUFFIX = ".nii.gz"
+
+
+def spacing_affine(spacing: Sequence[float], origin: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """A 4x4 RAS affine with voxel size ``spacing`` (mm) and ``origin`` (mm)."""
+    affine = np.eye(4, dtype=np.float64)
+    affine[:3, :3] = np.diag([float(s) for s in spacing])
+    affine[:3, 3] = [float(o) for o in origin]
+    return affine
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
+
+    If the body raises, the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a 3D (or 4D, channels last) array as NIfTI atomically.
+
+    Args:
+        path: destination ending in ``.nii.gz`` or ``.nii``.
+        array: ``(H, W, D)`` voxel data; its dtype is kept (labels as uint8/int16, images as float32).
+        affine: 4x4 voxel-to-RAS-mm matrix.
+    """
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    with atomic_write(path, suffix=suffix) as tmp:
+        nib.save(img, tmp)
+    return path
+
+
+def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI file; returns ``(array, affine)``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is empty or not a readable NIfTI.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No NIfTI file at {str(path)!r}.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{str(path)!r} is empty (0 bytes); expected a NIfTI volume.")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise ValueError(f"{str(path)!r} is not a readable NIfTI file: {e}") from e
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
+    """Write sorted, indented JSON atomically."""
+    path = Path(path)
+    with atomic_write(path, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def nnunet_dataset_json(
+    *,
+    label_names: Sequence[str],
+    num_training: int,
+    channel_names: Sequence[str] = ("MRI",),
+    name: str | None = None,
+    description: str | None = None,
+) -> dict[str, Any]:
+    """An nnU-Net v2 ``dataset.json`` dict (``channel_names``, ``labels`` name->id, ...)."""
+    out: dict[str, Any] = {
+        "channel_names": {str(i): c for i, c in enumerate(channel_names)},
+        "labels": {n: i for i, n in enumerate(label_names)},
+        "numTraining": int(num_training),
+        "file_ending": NIFTI_SUFFIX,
+    }
+    if name:
+        out["name"] = name
+    if description:
+        out["description"] = description
+    return out

@@ -1,0 +1,103 @@
+"""Named Duo-Diffusion architectures.
+
+* ``"tiny"``: for tests and docs; 16-32 voxel volumes, channels (8, 16); seconds on a CPU.
+* ``"hippocampus"``: CPU-trainable, 32 x 48 x 32 voxels at 1 mm (MSD Task04 hippocampus crops).
+* ``"paper"``: FOSCU liver-MRI scale, 160 x 160 x 64, channels close to MONAI's 3D LDM recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .config import (
+    AutoencoderConfig,
+    ConfigError,
+    ControlNetConfig,
+    PipelineConfig,
+    SchedulerConfig,
+    UNetConfig,
+)
+
+__all__ = ["PRESETS", "make_config"]
+
+PRESETS = ("tiny", "hippocampus", "paper")
+
+_DEFAULT_SHAPES = {"tiny": (16, 16, 16), "hippocampus": (32, 48, 32), "paper": (160, 160, 64)}
+
+
+def make_config(
+    name: str,
+    *,
+    num_classes: int,
+    volume_shape: Sequence[int] | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    label_names: Sequence[str] | None = None,
+    image_channels: int = 1,
+    prediction_type: str = "epsilon",
+    attributes: Sequence[str] = (),
+) -> PipelineConfig:
+    """Build the :class:`PipelineConfig` of a named preset.
+
+    Args:
+        name: one of :data:`PRESETS`.
+        num_classes: label classes including background.
+        volume_shape: ``(H, W, D)`` in voxels; defaults to the preset's shape.
+        spacing: voxel size in mm.
+        label_names: one name per class, background first.
+        image_channels: image channels (MRI sequences).
+        prediction_type: ``"epsilon"`` or ``"v_prediction"`` for both diffusion UNets.
+        attributes: names of label-generation conditions (see :mod:`duodiff.attributes`);
+            empty for an unconditional label model.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"Unknown preset {name!r}. Choose one of {list(PRESETS)}.")
+    shape = tuple(int(s) for s in (volume_shape or _DEFAULT_SHAPES[name]))
+    if len(shape) != 3:
+        raise ConfigError(f"volume_shape must have 3 sides (H, W, D), got {tuple(volume_shape or ())}.")
+    n = int(num_classes)
+    if name == "tiny":
+        ae = dict(channels=(8, 16), num_res_blocks=(1, 1), attention_levels=(False, False), latent_channels=3,
+                  norm_num_groups=4)
+        unet = dict(channels=(8, 16), num_res_blocks=(1, 1), attention_levels=(False, True), norm_num_groups=4,
+                    num_head_channels=8)
+        label_ae, label_unet = ae, unet
+        cond = (8, 16)
+    elif name == "hippocampus":
+        label_ae = dict(channels=(16, 32, 32), num_res_blocks=(1, 1, 1), attention_levels=(False, False, False),
+                        latent_channels=3, norm_num_groups=16)
+        ae = dict(channels=(16, 32, 32), num_res_blocks=(1, 1, 1), attention_levels=(False, False, False),
+                  latent_channels=3, norm_num_groups=16)
+        label_unet = dict(channels=(32, 64, 64), num_res_blocks=(1, 1, 1), attention_levels=(False, True, True),
+                          norm_num_groups=16, num_head_channels=16)
+        unet = label_unet
+        cond = (16, 32, 32)
+    else:  # paper
+        label_ae = dict(channels=(32, 64, 64), num_res_blocks=(1, 1, 1), attention_levels=(False, False, False),
+                        latent_channels=3, norm_num_groups=32)
+        ae = dict(channels=(32, 64, 64), num_res_blocks=(1, 1, 1), attention_levels=(False, False, False),
+                  latent_channels=3, norm_num_groups=32)
+        label_unet = dict(channels=(64, 128, 256), num_res_blocks=(2, 2, 2), attention_levels=(False, True, True),
+                          norm_num_groups=32, num_head_channels=32)
+        unet = label_unet
+        cond = (16, 32, 64)
+    cond_dim = 32 if attributes else None
+    return PipelineConfig(
+        num_classes=n,
+        volume_shape=shape,  # type: ignore[arg-type]
+        spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+        label_names=tuple(label_names) if label_names else (),
+        image_channels=image_channels,
+        attributes=tuple(attributes),
+        label_autoencoder=AutoencoderConfig(in_channels=n, out_channels=n, **label_ae),
+        label_unet=UNetConfig(
+            in_channels=label_ae["latent_channels"], out_channels=label_ae["latent_channels"],
+            with_conditioning=bool(attributes), cross_attention_dim=cond_dim, **label_unet,
+        ),
+        image_autoencoder=AutoencoderConfig(in_channels=image_channels, out_channels=image_channels, **ae),
+        image_unet=UNetConfig(in_channels=ae["latent_channels"], out_channels=ae["latent_channels"], **unet),
+        image_controlnet=ControlNetConfig(
+            in_channels=ae["latent_channels"], out_channels=ae["latent_channels"],
+            conditioning_embedding_in_channels=n, conditioning_embedding_num_channels=cond, **unet,
+        ),
+        scheduler=SchedulerConfig(prediction_type=prediction_type),
+    )

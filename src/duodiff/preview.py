@@ -1,0 +1,137 @@
+"""Axial / coronal / sagittal montages of generated (or real) pairs with a label overlay."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .io import NIFTI_SUFFIX, read_nifti
+
+__all__ = ["plot_pairs", "preview_folder", "find_pairs"]
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("Previews need matplotlib: pip install 'duodiff[plot]'.") from e
+    return plt
+
+
+def _slices(vol: np.ndarray, center: Sequence[int]) -> list[np.ndarray]:
+    x, y, z = center
+    # RAS volume (H=x, W=y, D=z): axial = z-slice, coronal = y-slice, sagittal = x-slice
+    return [np.rot90(vol[:, :, z]), np.rot90(vol[:, y, :]), np.rot90(vol[x, :, :])]
+
+
+def plot_pairs(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray | None],
+    out: str | os.PathLike,
+    *,
+    titles: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    alpha: float = 0.35,
+) -> Path:
+    """Save a montage: one row per case, columns axial / coronal / sagittal (image | image + labels).
+
+    Args:
+        images: each ``(H, W, D)`` float.
+        labels: each ``(H, W, D)`` int or ``None``.
+        out: PNG path.
+        titles: one per row.
+    """
+    plt = _require_matplotlib()
+    from matplotlib.colors import ListedColormap
+
+    n = len(images)
+    if n == 0:
+        raise ValueError("Nothing to preview: no images were given.")
+    cols = 6 if any(lab is not None for lab in labels) else 3
+    fig, axes = plt.subplots(n, cols, figsize=(2.0 * cols, 2.0 * n), squeeze=False)
+    k = num_classes or max((int(lab.max()) + 1 for lab in labels if lab is not None), default=2)
+    colors = plt.get_cmap("tab10")(np.arange(max(k, 2)) % 10)
+    colors[0, 3] = 0.0
+    cmap = ListedColormap(colors)
+    planes = ("axial", "coronal", "sagittal")
+    for r, (img, lab) in enumerate(zip(images, labels)):
+        if lab is not None and np.any(lab > 0):
+            center = [int(round(c)) for c in np.argwhere(lab > 0).mean(0)]
+        else:
+            center = [s // 2 for s in img.shape]
+        lo, hi = np.percentile(img, [0.5, 99.5])
+        for p, sl in enumerate(_slices(img, center)):
+            ax = axes[r, p]
+            ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(planes[p], fontsize=8)
+            if lab is not None:
+                ax2 = axes[r, p + 3]
+                ax2.imshow(sl, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+                ax2.imshow(_slices(lab, center)[p], cmap=cmap, vmin=0, vmax=len(colors) - 1, alpha=alpha,
+                           interpolation="nearest")
+                ax2.set_axis_off()
+                if r == 0:
+                    ax2.set_title(f"{planes[p]} + labels", fontsize=8)
+        if titles:
+            axes[r, 0].text(-0.05, 0.5, titles[r], transform=axes[r, 0].transAxes, rotation=90, va="center",
+                            ha="right", fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def find_pairs(folder: str | os.PathLike) -> list[tuple[Path, Path | None]]:
+    """``(image, label)`` paths in an nnU-Net/MSD folder (``imagesTr`` + ``labelsTr``), sorted by name."""
+    folder = Path(folder)
+    images_dir = folder / "imagesTr"
+    if not images_dir.is_dir():
+        raise FileNotFoundError(
+            f"No 'imagesTr' folder in {str(folder)!r}. Pass a folder written by `duodiff sample` or a NIfTI file."
+        )
+    pairs = []
+    for img in sorted(images_dir.glob(f"*{NIFTI_SUFFIX}")):
+        case = img.name[: -len(NIFTI_SUFFIX)]
+        if case[-5:-4] == "_" and case[-4:].isdigit():
+            if case[-4:] != "0000":
+                continue
+            case = case[:-5]
+        lab = folder / "labelsTr" / f"{case}{NIFTI_SUFFIX}"
+        pairs.append((img, lab if lab.is_file() else None))
+    if not pairs:
+        raise FileNotFoundError(f"No '*{NIFTI_SUFFIX}' images in {str(images_dir)!r}.")
+    return pairs
+
+
+def preview_folder(path: str | os.PathLike, out: str | os.PathLike, *, max_cases: int = 4,
+                   label: str | os.PathLike | None = None) -> Path:
+    """Montage of up to ``max_cases`` pairs from a sample folder, or of one NIfTI image (+ optional label)."""
+    path = Path(path)
+    if path.is_dir():
+        pairs = find_pairs(path)[:max_cases]
+    elif path.is_file():
+        pairs = [(path, Path(label) if label else None)]
+    else:
+        raise FileNotFoundError(f"Nothing to preview at {str(path)!r}: pass a sample folder or a NIfTI file.")
+    images, labels, titles = [], [], []
+    for img_path, lab_path in pairs:
+        img, _ = read_nifti(img_path)
+        if img.ndim == 4:
+            img = img[..., 0]
+        lab = read_nifti(lab_path)[0].astype(np.int64) if lab_path else None
+        if lab is not None and lab.shape != img.shape:
+            raise ValueError(f"Label {lab_path.name} has shape {lab.shape} but image has {img.shape}.")
+        images.append(img.astype(np.float32))
+        labels.append(lab)
+        titles.append(img_path.name.replace(NIFTI_SUFFIX, ""))
+    return plot_pairs(images, labels, out, titles=titles)
