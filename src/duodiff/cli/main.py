@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 from collections.abc import Sequence
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -26,8 +27,15 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFo
                                                  OSError, ImportError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (exit code 2), like every other duodiff error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="duodiff",
         description="Generate paired synthetic 3D (image, label) volumes with a Duo-Diffusion model.",
     )
@@ -37,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         importlib.import_module(f"duodiff.cli.{module}").add_parser(sub)
     return parser
 
