@@ -189,7 +189,9 @@ def _check_groups(name: str, channels: tuple[int, ...], groups: int) -> None:
 class AutoencoderConfig(_Config):
     """A MONAI :class:`~monai.networks.nets.AutoencoderKL` (3D).
 
-    The autoencoder downsamples each side by ``2 ** (len(channels) - 1)``.
+    The autoencoder downsamples each side by ``2 ** (len(channels) - 1)``. ``include_fc=False`` drops the
+    attention output projection (MONAI's ``include_fc``); checkpoints imported from MONAI Generative 0.2.3
+    need it, because that version never applied the projection.
     """
 
     _name: ClassVar[str] = "AutoencoderConfig"
@@ -204,6 +206,7 @@ class AutoencoderConfig(_Config):
     with_encoder_nonlocal_attn: bool = False
     with_decoder_nonlocal_attn: bool = False
     use_checkpoint: bool = False
+    include_fc: bool = True
 
     def validate(self) -> None:
         if self.in_channels < 1 or self.out_channels < 1 or self.latent_channels < 1:
@@ -229,6 +232,8 @@ class UNetConfig(_Config):
     """A MONAI :class:`~monai.networks.nets.DiffusionModelUNet` (3D) working in a latent space.
 
     ``cross_attention_dim`` (with ``with_conditioning=True``) enables attribute conditioning.
+    ``include_fc=False`` drops the self-attention output projection (MONAI's ``include_fc``), as needed
+    for unconditioned checkpoints imported from MONAI Generative 0.2.3 (see :mod:`duodiff.convert`).
     """
 
     _name: ClassVar[str] = "UNetConfig"
@@ -243,6 +248,7 @@ class UNetConfig(_Config):
     resblock_updown: bool = False
     with_conditioning: bool = False
     cross_attention_dim: int | None = None
+    include_fc: bool = True
 
     def validate(self) -> None:
         _check_levels(

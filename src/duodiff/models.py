@@ -24,6 +24,7 @@ def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
         with_encoder_nonlocal_attn=cfg.with_encoder_nonlocal_attn,
         with_decoder_nonlocal_attn=cfg.with_decoder_nonlocal_attn,
         use_checkpoint=cfg.use_checkpoint,
+        include_fc=cfg.include_fc,
     )
 
 
@@ -39,6 +40,7 @@ def _unet_kwargs(cfg: UNetConfig) -> dict:
         resblock_updown=cfg.resblock_updown,
         with_conditioning=cfg.with_conditioning,
         cross_attention_dim=cfg.cross_attention_dim,
+        include_fc=cfg.include_fc,
     )
 
 
