@@ -301,7 +301,10 @@ def read_config(folder: Path) -> PipelineConfig:
             raise ConfigError(f"{str(cfile)!r} is not valid JSON: {e}") from e
     sfile = folder / keys.SCHEDULER / _SCHEDULER_CONFIG
     if sfile.is_file():
-        data[keys.SCHEDULER] = json.loads(sfile.read_text())
+        try:
+            data[keys.SCHEDULER] = json.loads(sfile.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{str(sfile)!r} is not valid JSON: {e}") from e
     return PipelineConfig.from_dict(data)
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "atomic_write",
     "write_nifti",
     "read_nifti",
+    "check_finite",
     "write_json",
     "nnunet_dataset_json",
     "NIFTI_SUFFIX",
@@ -73,12 +74,30 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) 
     return path
 
 
+def check_finite(array: np.ndarray, what: str) -> np.ndarray:
+    """Return ``array`` unchanged if every value is finite; otherwise raise naming ``what``.
+
+    Raises:
+        ValueError: ``array`` holds NaN or +-Inf values (counts are given in the message).
+    """
+    if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
+        finite = np.isfinite(array)
+        if not finite.all():
+            n_nan = int(np.isnan(array).sum())
+            n_inf = int(finite.size - finite.sum()) - n_nan
+            raise ValueError(
+                f"{what} contains {n_nan} NaN and {n_inf} Inf value(s) out of {array.size}. duodiff does not "
+                "replace them silently; fix or remove the volume (e.g. np.nan_to_num) and try again."
+            )
+    return array
+
+
 def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI file; returns ``(array, affine)``.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is empty or not a readable NIfTI.
+        ValueError: the file is empty, not a readable NIfTI, or holds NaN/Inf values.
     """
     path = Path(path)
     if not path.is_file():
@@ -90,6 +109,7 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for corrupt files
         raise ValueError(f"{str(path)!r} is not a readable NIfTI file: {e}") from e
+    check_finite(data, repr(str(path)))
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
