@@ -38,6 +38,7 @@ __all__ = [
     "weights_name",
     "resolve_model_path",
     "load_state_dict_strict",
+    "load_state_strict",
     "model_card",
     "ModelLoadError",
 ]
@@ -252,20 +253,29 @@ def load_state_dict_strict(module: torch.nn.Module, file: Path, *, component: st
             f"{str(file)!r} is not a valid safetensors file ({e}). It may be truncated or another format (duodiff "
             "never loads pickles); re-download or re-save the model, or import .pt files with `duodiff convert`."
         ) from e
+    load_state_strict(module, state, source=repr(str(file)), component=component)
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str, component: str) -> None:
+    """Load an in-memory ``state`` into ``module``: every key and shape must match.
+
+    Raises:
+        ModelLoadError: keys are missing or unexpected, or shapes differ; the message names the first ones.
+    """
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ModelLoadError(
-            f"Weights in {str(file)!r} do not match {component}'s config: {len(missing)} missing key(s) "
+            f"Weights in {source} do not match {component}'s config: {len(missing)} missing key(s) "
             f"{missing[:3]}{'...' if len(missing) > 3 else ''}, {len(unexpected)} unexpected key(s) "
-            f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}. Use the config.json saved with these weights."
+            f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}. Use the config the weights were saved with."
         )
     wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items() if state[k].shape != v.shape]
     if wrong:
         k, got, want = wrong[0]
         raise ModelLoadError(
-            f"Weights in {str(file)!r} do not match {component}'s config: {len(wrong)} tensor(s) have the wrong shape, "
+            f"Weights in {source} do not match {component}'s config: {len(wrong)} tensor(s) have the wrong shape, "
             f"e.g. {k!r} is {got} but the config builds {want}."
         )
     target_dtype = next(iter(expected.values())).dtype
