@@ -1,0 +1,96 @@
+"""Shared fixtures: one tiny randomised pipeline and its saved folder per test session.
+
+Building and saving is cheap (< 1 s) but many tests need the same model, so it is made once.
+Tests must not modify these objects in place; copy them (``copy.deepcopy``) if they need to.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from duodiff import DuoDiffusion
+from duodiff.testing import randomize_weights
+
+#: Real data shared by the project (tests that need it skip when it is absent).
+DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+#: Fake commit hash used for pre-filled Hugging Face caches.
+FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def make_tiny(num_classes: int = 3, *, seed: int = 0, **kwargs) -> DuoDiffusion:
+    """``from_preset("tiny")`` with randomised weights (a fresh UNet outputs exactly 0)."""
+    pipe = DuoDiffusion.from_preset("tiny", num_classes=num_classes, init_seed=seed, **kwargs)
+    return randomize_weights(pipe, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe() -> DuoDiffusion:
+    """A tiny 3-class pipeline (16^3 volumes) with randomised weights. Do not modify it."""
+    return make_tiny(3, spacing=(1.5, 0.75, 2.0), label_names=("background", "anterior", "posterior"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_pipe: DuoDiffusion, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_pipe`` saved with ``save_pretrained`` (fp32 and fp16 variants). Do not modify it."""
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    tiny_pipe.save_pretrained(path)
+    tiny_pipe.save_pretrained(path, variant="fp16")
+    return path
+
+
+def fill_hf_cache(model_dir: Path, cache_dir: Path, repo_id: str, *, commit: str = FAKE_COMMIT,
+                  ref: str = "main") -> Path:
+    """Lay out ``model_dir`` as a Hugging Face cache entry for ``repo_id`` (what a download leaves behind).
+
+    ``<cache>/models--org--name/refs/<ref>`` holds the commit hash and
+    ``<cache>/models--org--name/snapshots/<commit>/`` holds the files (plain copies, not symlinks).
+    """
+    import shutil
+
+    repo_folder = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    (repo_folder / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_folder / "refs" / ref).write_text(commit)
+    snapshot = repo_folder / "snapshots" / commit
+    shutil.copytree(model_dir, snapshot)
+    return snapshot
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses: Hub offline, no progress bars, few threads."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``python -c code`` in a fresh interpreter (so import-time env vars take effect)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env=env or offline_env())
+
+
+def run_cli(args: Sequence[str], *, script: bool = False, env: dict[str, str] | None = None,
+            timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run the real ``duodiff`` CLI in a subprocess.
+
+    Args:
+        args: arguments after ``duodiff``.
+        script: use the installed ``duodiff`` console script instead of ``python -m duodiff.cli.main``.
+    """
+    import shutil
+
+    if script:
+        exe = shutil.which("duodiff") or str(Path(sys.executable).with_name("duodiff"))
+        if not Path(exe).exists():
+            pytest.fail("the `duodiff` console script is not installed next to this Python; pip install -e .")
+        cmd = [exe, *args]
+    else:
+        cmd = [sys.executable, "-m", "duodiff.cli.main", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or offline_env())
