@@ -270,9 +270,20 @@ class DuoDiffusion:
         check_num_inference_steps(num_inference_steps, self.config.scheduler)
         if not isinstance(conditioning_scale, (int, float)) or isinstance(conditioning_scale, bool):
             raise TypeError(f"conditioning_scale must be a number, got {conditioning_scale!r}.")
+        amp = resolve_dtype(dtype)
+        weights = self.dtype
+        if weights != torch.float32:
+            # low-precision weights (``to(dtype=...)`` / ``from_pretrained(dtype=...)``) need autocast to match
+            if amp is None:
+                amp = weights
+            elif amp != weights:
+                raise ValueError(
+                    f"dtype={dtype!r} does not match the pipeline's {weights} weights. Pass dtype=None (autocast to "
+                    f"{weights}) or cast the weights first with pipe.to(dtype=...)."
+                )
         sched = make_scheduler(scheduler, self.config.scheduler)
         sched.set_timesteps(num_inference_steps, device=self.device)
-        return sched, resolve_dtype(dtype)
+        return sched, amp
 
     def _generate_labels(self, seeds, sched, stochastic, amp, progress) -> torch.Tensor:
         gens = stage_generators(seeds, "label")
