@@ -19,6 +19,7 @@ COMMANDS = {
     "sample": "sample",
     "info": "info",
     "preview": "preview",
+    "convert": "convert",
 }
 
 #: Exceptions that mean "the user gave bad input": reported in one line with exit code 2.

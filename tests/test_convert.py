@@ -1,0 +1,321 @@
+"""`duodiff convert`: importing MONAI Generative 0.2.3 / MONAI-core ``.pt`` state dicts.
+
+The parity tests build the old networks with ``monai-generative==0.2.3`` (test extra, installed with
+``pip install --no-deps monai-generative==0.2.3``) and skip cleanly without it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from duodiff import DuoDiffusion, PipelineConfig, keys, make_config
+from duodiff.cli.main import main
+from duodiff.convert import (
+    convert_checkpoints,
+    import_checkpoints,
+    import_component,
+    load_checkpoint,
+    read_pipeline_config,
+    rename_old_controlnet_keys,
+)
+from duodiff.hub import ModelLoadError
+
+TOL = 1e-5
+
+
+def _old_nets():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pytest.importorskip("generative.networks.nets", reason="needs monai-generative==0.2.3 (test extra)")
+
+
+def parity_config(**kwargs) -> PipelineConfig:
+    """The tiny preset with attention everywhere MONAI Generative had it (AE levels + non-local, UNet levels)."""
+    cfg = make_config("tiny", num_classes=3, **kwargs)
+    changes = {}
+    for name in ("label_autoencoder", "image_autoencoder"):
+        changes[name] = getattr(cfg, name).replace(
+            attention_levels=(False, True), with_encoder_nonlocal_attn=True, with_decoder_nonlocal_attn=True
+        )
+    return cfg.replace(**changes)
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return module.eval()
+
+
+def build_old(name: str, config: PipelineConfig, seed: int = 0) -> torch.nn.Module:
+    """The MONAI Generative 0.2.3 network described by component ``name`` of ``config`` (random weights)."""
+    nets = _old_nets()
+    c = getattr(config, name)
+    common = dict(spatial_dims=3, in_channels=c.in_channels, num_channels=c.channels, num_res_blocks=c.num_res_blocks,
+                  attention_levels=c.attention_levels, norm_num_groups=c.norm_num_groups)
+    with torch.random.fork_rng(devices=[]):  # old constructors take no generator; keep the global RNG untouched
+        torch.manual_seed(seed)
+        net = _construct(nets, name, c, common)
+    return _randomize(net, seed + 1)
+
+
+def _construct(nets, name, c, common) -> torch.nn.Module:
+    if name.endswith("autoencoder"):
+        net = nets.AutoencoderKL(out_channels=c.out_channels, latent_channels=c.latent_channels,
+                                 with_encoder_nonlocal_attn=c.with_encoder_nonlocal_attn,
+                                 with_decoder_nonlocal_attn=c.with_decoder_nonlocal_attn, **common)
+    else:
+        unet = dict(num_head_channels=c.num_head_channels, resblock_updown=c.resblock_updown,
+                    with_conditioning=c.with_conditioning, cross_attention_dim=c.cross_attention_dim, **common)
+        if name == "image_controlnet":
+            net = nets.ControlNet(conditioning_embedding_in_channels=c.conditioning_embedding_in_channels,
+                                  conditioning_embedding_num_channels=c.conditioning_embedding_num_channels, **unet)
+        else:
+            net = nets.DiffusionModelUNet(out_channels=c.out_channels, **unet)
+    return net
+
+
+def save_old(config: PipelineConfig, folder: Path) -> tuple[dict[str, torch.nn.Module], dict[str, Path]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    olds, paths = {}, {}
+    for i, name in enumerate(keys.COMPONENTS):
+        olds[name] = build_old(name, config, seed=10 * i)
+        paths[name] = folder / f"{name}.pt"
+        torch.save(olds[name].state_dict(), paths[name])
+    return olds, paths
+
+
+def _max_diff(a, b) -> float:
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        return max(_max_diff(x, y) for x, y in zip(a, b))
+    assert a.shape == b.shape
+    return float((a - b).abs().max())
+
+
+def compare(name: str, old: torch.nn.Module, new: torch.nn.Module, config: PipelineConfig, seed: int = 0) -> float:
+    """Max |old - new| over the network's outputs on seeded random inputs."""
+    g = torch.Generator().manual_seed(seed)
+    c = getattr(config, name)
+    shape = tuple(config.volume_shape)
+    with torch.no_grad():
+        if name.endswith("autoencoder"):
+            x = torch.rand((2, c.in_channels, *shape), generator=g)
+            mu_o, sd_o = old.encode(x)
+            mu_n, sd_n = new.encode(x)
+            z = torch.randn(mu_o.shape, generator=g)
+            return max(_max_diff(mu_o, mu_n), _max_diff(sd_o, sd_n), _max_diff(old.decode(z), new.decode(z)))
+        f = (config.label_autoencoder if name == "label_unet" else config.image_autoencoder).downsample_factor
+        x = torch.randn((2, c.in_channels, *(s // f for s in shape)), generator=g)
+        t = torch.tensor([3, 700])
+        ctx = torch.randn((2, 1, c.cross_attention_dim), generator=g) if c.with_conditioning else None
+        if name == "image_controlnet":
+            cond = torch.rand((2, c.conditioning_embedding_in_channels, *shape), generator=g)
+            return _max_diff(old(x, t, controlnet_cond=cond, conditioning_scale=0.7, context=ctx),
+                             new(x, t, controlnet_cond=cond, conditioning_scale=0.7, context=ctx))
+        return _max_diff(old(x, t, context=ctx), new(x, t, context=ctx))
+
+
+# ------------------------------------------------------------------------------------------ parity
+def test_parity_all_components_through_a_converted_folder(tmp_path):
+    config = parity_config()
+    olds, paths = save_old(config, tmp_path / "old")
+    infos = convert_checkpoints(config, paths, tmp_path / "model")
+    assert [i.source_format for i in infos] == ["monai-generative"] * 5
+    assert all(i.include_fc is False for i in infos)
+    assert all(i.dropped for i in infos), "every network has attention, so unused proj_attn tensors were dropped"
+    pipe = DuoDiffusion.from_pretrained(tmp_path / "model")
+    for name in keys.COMPONENTS:
+        assert getattr(pipe.config, name).include_fc is False
+        assert compare(name, olds[name], getattr(pipe, name), config) <= TOL, name
+    # the ControlNet residuals drive the UNet exactly as before
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((1, *config.image_latent_shape), generator=g)
+    cond = torch.rand((1, config.num_classes, *config.volume_shape), generator=g)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        outs = []
+        for cn, un in ((olds["image_controlnet"], olds["image_unet"]), (pipe.image_controlnet, pipe.image_unet)):
+            down, mid = cn(x, t, controlnet_cond=cond)
+            outs.append(un(x, t, down_block_additional_residuals=down, mid_block_additional_residual=mid))
+    assert _max_diff(*outs) <= TOL
+    out = pipe.sample(1, seed=0, num_inference_steps=2, progress=False)
+    assert out.images.shape == (1, 1, *config.volume_shape)
+
+
+def test_parity_conditioned_unet_keeps_output_projection(tmp_path):
+    config = parity_config(attributes=("volume",))
+    old = build_old("label_unet", config)
+    module, info = import_component("label_unet", config, old.state_dict())
+    assert info.source_format == "monai-generative" and info.include_fc is True and not info.dropped
+    assert compare("label_unet", old, module, config) <= TOL
+
+
+def test_parity_conditioned_controlnet(tmp_path):
+    config = parity_config()
+    unet = config.image_unet.replace(with_conditioning=True, cross_attention_dim=8)
+    config = config.replace(image_unet=unet, image_controlnet=config.image_controlnet.replace(
+        with_conditioning=True, cross_attention_dim=8))
+    old = build_old("image_controlnet", config)
+    module, info = import_component("image_controlnet", config, old.state_dict())
+    assert info.include_fc is True
+    assert compare("image_controlnet", old, module, config) <= TOL
+
+
+def test_monai_core_controlnet_loader_is_not_used():
+    """Our ControlNet renaming: q/k/v under ``.attn``, ``to_out.0`` -> ``out_proj``, ``proj_attn`` dropped."""
+    state = {
+        "down_blocks.1.attentions.0.to_q.weight": torch.zeros(1),
+        "middle_block.attention.to_v.bias": torch.zeros(1),
+        "middle_block.attention.proj_attn.weight": torch.zeros(1),
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0.weight": torch.zeros(1),
+        "controlnet_down_blocks.0.conv.weight": torch.zeros(1),
+    }
+    renamed, dropped = rename_old_controlnet_keys(state)
+    assert sorted(renamed) == sorted([
+        "down_blocks.1.attentions.0.attn.to_q.weight",
+        "middle_block.attention.attn.to_v.bias",
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2.out_proj.weight",
+        "controlnet_down_blocks.0.conv.weight",
+    ])
+    assert dropped == ["middle_block.attention.proj_attn.weight"]
+
+
+# ------------------------------------------------------------------------------------------ formats
+def _save_state_dicts(pipe: DuoDiffusion, folder: Path, wrap=lambda sd: sd) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in keys.COMPONENTS:
+        paths[name] = folder / f"{name}.pt"
+        torch.save(wrap(getattr(pipe, name).state_dict()), paths[name])
+    return paths
+
+
+def _assert_same_weights(a: DuoDiffusion, b: DuoDiffusion) -> None:
+    for name in keys.COMPONENTS:
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+
+def test_monai_core_state_dicts_load_as_is(tiny_pipe, tmp_path):
+    paths = _save_state_dicts(tiny_pipe, tmp_path / "pt")
+    (tmp_path / "config.json").write_text(__import__("json").dumps(tiny_pipe.config.to_dict()))
+    infos = convert_checkpoints(tmp_path / "config.json", paths, tmp_path / "model")
+    assert [i.source_format for i in infos] == ["monai"] * 5
+    _assert_same_weights(tiny_pipe, DuoDiffusion.from_pretrained(tmp_path / "model"))
+
+
+def test_wrapped_and_ddp_prefixed_checkpoints(tiny_pipe, tmp_path):
+    def wrap(sd):
+        return {"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 7, "optimizer": {"lr": 1e-4}}
+
+    paths = _save_state_dicts(tiny_pipe, tmp_path / "pt", wrap)
+    pipe, _ = import_checkpoints(tiny_pipe.config, paths)
+    _assert_same_weights(tiny_pipe, pipe)
+
+
+def test_several_state_dicts_need_a_key(tiny_pipe, tmp_path):
+    sd = tiny_pipe.label_unet.state_dict()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": sd, "ema": sd}, path)
+    with pytest.raises(ValueError, match=r"several state dicts \['model', 'ema'\].*key="):
+        load_checkpoint(path)
+    assert load_checkpoint(path, key="ema").keys() == sd.keys()
+    with pytest.raises(ValueError, match="no entry 'nope'"):
+        load_checkpoint(path, key="nope")
+
+
+def test_pickled_model_is_refused_and_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2), "payload": Evil()}, path)
+    with pytest.raises(ValueError, match="refuses to unpickle"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    whole = tmp_path / "whole.pt"
+    torch.save(torch.nn.Linear(2, 2), whole)
+    with pytest.raises(ValueError, match=r"torch.save\(model.state_dict\(\)"):
+        load_checkpoint(whole)
+
+
+def test_missing_tensor_is_not_silently_left_at_init(tmp_path):
+    """MONAI's load_old_state_dict keeps the random init for keys the checkpoint lacks; convert must not."""
+    config = parity_config()
+    state = build_old("image_unet", config).state_dict()
+    del state["out.2.conv.weight"]
+    with pytest.raises(ModelLoadError, match=r"image_unet.*out\.2\.conv\.weight"):
+        import_component("image_unet", config, state)
+
+
+def test_extra_tensor_is_reported(tmp_path):
+    config = parity_config()
+    state = build_old("label_autoencoder", config).state_dict()
+    state["encoder.extra.weight"] = torch.zeros(3)
+    with pytest.raises(ModelLoadError, match=r"label_autoencoder.*encoder\.extra\.weight"):
+        import_component("label_autoencoder", config, state)
+
+
+def test_checkpoint_of_another_architecture_is_reported():
+    config = parity_config()
+    wider = dict(channels=(8, 24), norm_num_groups=8, num_head_channels=8)
+    other = config.replace(image_unet=config.image_unet.replace(**wider),
+                           image_controlnet=config.image_controlnet.replace(**wider))
+    state = build_old("image_unet", other).state_dict()
+    with pytest.raises(ModelLoadError, match="image_unet's config"):
+        import_component("image_unet", config, state)
+    state = build_old("image_controlnet", other).state_dict()
+    with pytest.raises(ModelLoadError, match=r"image_controlnet's config.*wrong shape"):
+        import_component("image_controlnet", config, state)
+
+
+def test_all_five_checkpoints_are_required(tiny_pipe, tmp_path):
+    paths = _save_state_dicts(tiny_pipe, tmp_path / "pt")
+    del paths["image_controlnet"]
+    with pytest.raises(ValueError, match=r"missing \['image_controlnet'\]"):
+        import_checkpoints(tiny_pipe.config, paths)
+
+
+def test_read_pipeline_config_errors(tmp_path, tiny_model_dir):
+    assert read_pipeline_config(tiny_model_dir).num_classes == 3
+    with pytest.raises(FileNotFoundError, match="No pipeline config"):
+        read_pipeline_config(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_pipeline_config(bad)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _cli_args(paths: dict[str, Path], config: Path, out: Path) -> list[str]:
+    args = ["convert", "--config", str(config), "--out", str(out)]
+    for name, p in paths.items():
+        args += [f"--{name.replace('_', '-')}", str(p)]
+    return args
+
+
+def test_cli_convert(tmp_path, capsys):
+    config = parity_config()
+    olds, paths = save_old(config, tmp_path / "old")
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_text(__import__("json").dumps(config.to_dict()))
+    assert main(_cli_args(paths, cfg_file, tmp_path / "model")) == 0
+    out = capsys.readouterr()
+    assert "image_controlnet: monai-generative format, include_fc=False" in out.out
+    pipe = DuoDiffusion.from_pretrained(tmp_path / "model")
+    assert compare("image_controlnet", olds["image_controlnet"], pipe.image_controlnet, config) <= TOL
+    # a second run into the same folder refuses (exit 2, one line) unless --overwrite
+    assert main(_cli_args(paths, cfg_file, tmp_path / "model")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not empty" in err[0] and "--overwrite" in err[0]
+    assert main([*_cli_args(paths, cfg_file, tmp_path / "model"), "--overwrite"]) == 0
