@@ -19,7 +19,9 @@ COMMANDS = {
     "sample": "sample",
     "info": "info",
     "preview": "preview",
+    "export": "export",
     "convert": "convert",
+    "train": "train",
 }
 
 #: Exceptions that mean "the user gave bad input": reported in one line with exit code 2.
@@ -53,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the sub-command
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.debug = debug
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

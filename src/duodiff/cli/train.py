@@ -1,0 +1,40 @@
+"""``duodiff train``: train Duo-Diffusion stages from a TOML config (works under torchrun for DDP)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import positive_int
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train Duo-Diffusion stages on a labelled NIfTI dataset",
+                       description="Train the stages of a Duo-Diffusion model. See docs/training.md.")
+    p.add_argument("config", help="TOML training config (see examples/*/train.toml)")
+    p.add_argument("--stage", action="append", default=None,
+                   help="stage to train (repeatable): label_autoencoder, image_autoencoder, label_unet, image_unet, "
+                        "image_controlnet or all (default all)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoints")
+    p.add_argument("--stop-after", type=positive_int, default=None,
+                   help="stop each stage after this many total steps (resume later with --resume)")
+    p.add_argument("--output-dir", default=None, help="override output_dir of the config")
+    p.add_argument("--device", default=None, help="override device of the config")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import load_train_config, train
+
+    overrides = {}
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    if args.device:
+        overrides["device"] = args.device
+    if args.no_progress:
+        overrides["progress"] = False
+    cfg = load_train_config(args.config, overrides)
+    model_dir = train(cfg, stages=args.stage, resume=args.resume, stop_after=args.stop_after)
+    print(f"model written to {model_dir}", file=sys.stderr)
+    return 0

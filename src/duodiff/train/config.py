@@ -1,0 +1,201 @@
+"""Training configuration: a human-editable TOML file parsed into frozen, validated dataclasses.
+
+Every option is documented in ``docs/training.md`` and in the example configs under ``examples/``.
+Unknown keys are errors (a typo never silently falls back to a default).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..config import ConfigError, _Config
+
+__all__ = ["DataConfig", "ModelConfig", "StageConfig", "TrainConfig", "load_train_config", "STAGES"]
+
+#: Training stages in dependency order (each is also a pipeline component name).
+STAGES = ("label_autoencoder", "image_autoencoder", "label_unet", "image_unet", "image_controlnet")
+
+
+@dataclass(frozen=True)
+class DataConfig(_Config):
+    """Where the labelled NIfTI data is and how it is preprocessed.
+
+    Args:
+        root: dataset folder in MSD / nnU-Net raw layout (``dataset.json`` + ``imagesTr`` + ``labelsTr``).
+        datalist: optional MONAI datalist JSON (``{"training": [{"image": ..., "label": ...}]}``), paths relative to it.
+        split: optional JSON ``{"train": [case, ...], "val": [...], "test": [...]}``; only ``train`` (and ``val``
+            for validation) are ever read; ``test`` cases are never loaded.
+        target_spacing: resample to this spacing (mm) first; empty = keep the native spacing.
+        intensity_percentiles: per-volume clip percentiles before scaling to [0, 1].
+        label_values: original label values mapped to ids ``0..K-1`` (empty = the dataset.json ``labels`` keys).
+        on_bad_case: ``"fail"`` (default) or ``"skip"`` (skip and report) for NaN volumes, shape mismatches, empty labels.
+        cache_dir: where preprocessed arrays are cached (empty = ``<output_dir>/cache``).
+    """
+
+    _name: ClassVar[str] = "[data]"
+
+    root: str = ""
+    datalist: str = ""
+    split: str = ""
+    target_spacing: tuple[float, ...] = ()
+    intensity_percentiles: tuple[float, float] = (0.5, 99.5)
+    label_values: tuple[int, ...] = ()
+    on_bad_case: str = "fail"
+    cache_dir: str = ""
+
+    def validate(self) -> None:
+        if not self.root and not self.datalist:
+            raise ConfigError("[data] needs root (an MSD/nnU-Net folder) or datalist (a MONAI datalist JSON).")
+        if self.on_bad_case not in ("fail", "skip"):
+            raise ConfigError(f"[data].on_bad_case must be 'fail' or 'skip', got {self.on_bad_case!r}.")
+        lo, hi = self.intensity_percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ConfigError(f"[data].intensity_percentiles must satisfy 0 <= lo < hi <= 100, got {(lo, hi)}.")
+        if self.target_spacing and (len(self.target_spacing) != 3 or min(self.target_spacing) <= 0):
+            raise ConfigError(f"[data].target_spacing must be 3 positive mm values or empty, got {self.target_spacing}.")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Config):
+    """Which architecture to train (a preset) and its volume geometry.
+
+    Args:
+        preset: ``"tiny"``, ``"hippocampus"`` or ``"paper"``.
+        volume_shape: ``(H, W, D)`` crop/pad size in voxels (empty = preset default).
+        label_names: class names, background first (empty = from ``dataset.json``).
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+        attributes: label-LDM conditions (e.g. ``["volume"]``) for attribute-conditioned generation.
+    """
+
+    _name: ClassVar[str] = "[model]"
+
+    preset: str = "hippocampus"
+    volume_shape: tuple[int, ...] = ()
+    label_names: tuple[str, ...] = ()
+    prediction_type: str = "epsilon"
+    attributes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StageConfig(_Config):
+    """Optimisation settings of one stage (``[stages.<name>]``).
+
+    Args:
+        steps: optimiser steps.
+        batch_size: global batch size (split across DDP ranks).
+        lr: peak AdamW learning rate; ``warmup_steps`` linear warm-up, then cosine decay to ``lr * min_lr_ratio``.
+        weight_decay: AdamW weight decay.
+        grad_clip: max gradient norm (0 disables).
+        ema_decay: EMA decay of the diffusion models (0 disables; autoencoders never use EMA).
+        kl_weight: KL weight of autoencoders.
+        dice_weight: Dice weight of the label autoencoder (with cross-entropy).
+        adv_weight: patch-adversarial weight of the image autoencoder (0 disables the discriminator).
+        checkpoint_every: steps between checkpoints (0 = only at the end).
+        log_every: steps between CSV rows.
+        condition_dropout: probability of dropping the attribute condition (classifier-free guidance training).
+    """
+
+    _name: ClassVar[str] = "[stages.*]"
+
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-4
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    kl_weight: float = 1e-6
+    dice_weight: float = 1.0
+    adv_weight: float = 0.0
+    checkpoint_every: int = 500
+    log_every: int = 10
+    condition_dropout: float = 0.15
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{self._name}.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.lr <= 0:
+            raise ConfigError(f"{self._name}.lr must be > 0, got {self.lr}.")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"{self._name}.ema_decay must be in [0, 1), got {self.ema_decay}.")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.log_every < 1:
+            raise ConfigError(
+                f"{self._name}: warmup_steps and checkpoint_every must be >= 0 and log_every >= 1, got "
+                f"{self.warmup_steps}, {self.checkpoint_every}, {self.log_every}."
+            )
+
+
+def _default_stages() -> dict[str, StageConfig]:
+    return {s: StageConfig() for s in STAGES}
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    """A whole training run.
+
+    Args:
+        output_dir: run folder: ``model/`` (the pipeline, loadable after every stage), ``checkpoints/``,
+            ``logs/`` (CSV + PNG curves), ``previews/``.
+        seed: seeds weight init, data order and diffusion noise (no global seeding).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (under torchrun each rank uses its local GPU).
+        amp: ``"bfloat16"`` (CPU), ``"float16"`` (CUDA, with GradScaler) or ``"float32"`` (exact).
+        progress: show tqdm bars.
+    """
+
+    _name: ClassVar[str] = "train config"
+
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: dict = field(default_factory=_default_stages)
+    output_dir: str = "runs/duodiff"
+    seed: int = 0
+    device: str = "cpu"
+    amp: str = "float32"
+    progress: bool = True
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.stages) - set(STAGES))
+        if unknown:
+            raise ConfigError(f"Unknown stage(s) {unknown} in [stages]. Stages are {list(STAGES)}.")
+        merged = {}
+        for s in STAGES:
+            v = self.stages.get(s, StageConfig())
+            merged[s] = v if isinstance(v, StageConfig) else StageConfig.from_dict(v)
+        object.__setattr__(self, "stages", merged)
+        if self.amp not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"amp must be 'float32', 'bfloat16' or 'float16', got {self.amp!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["stages"] = {k: v.to_dict() for k, v in self.stages.items()}
+        return out
+
+
+def load_train_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a TOML training config; relative data paths are resolved against the config file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No training config at {str(path)!r}. See examples/*.toml for templates.")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{str(path)!r} is not valid TOML: {e}") from e
+    raw = dict(raw)
+    data = dict(raw.get("data", {}))
+    for key in ("root", "datalist", "split", "cache_dir"):
+        if data.get(key):
+            p = Path(os.path.expandvars(str(data[key]))).expanduser()
+            data[key] = str(p if p.is_absolute() else (path.parent / p).resolve())
+    raw["data"] = data
+    if "output_dir" in raw:
+        p = Path(str(raw["output_dir"])).expanduser()
+        raw["output_dir"] = str(p if p.is_absolute() else (path.parent / p).resolve())
+    for k, v in (overrides or {}).items():
+        raw[k] = v
+    return TrainConfig.from_dict(raw)

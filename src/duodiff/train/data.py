@@ -1,0 +1,327 @@
+"""Read labelled NIfTI datasets (MSD / nnU-Net raw layout or a MONAI datalist) and preprocess them.
+
+Preprocessing (MONAI transforms): load, channel-first, orientation to RAS, optional resampling to a target
+spacing, per-volume percentile clip + scale to [0, 1], labels remapped to ``0..K-1``, then a crop/pad to the
+model's ``volume_shape`` centred on the label foreground centroid. Bad cases (NaN/Inf, image/label shape
+mismatch, empty label) fail or are skipped with a report, never silently. Preprocessed arrays are cached as
+``.npz`` (loaded with ``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io import NIFTI_SUFFIX, atomic_write
+from .config import DataConfig
+
+__all__ = ["Case", "PreparedData", "find_cases", "read_split", "preprocess_case", "prepare_dataset", "BadCaseError"]
+
+logger = logging.getLogger(__name__)
+
+
+class BadCaseError(ValueError):
+    """A case cannot be used (NaN, shape mismatch, empty label, unreadable file)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One labelled case: ``image`` paths (one per channel) and a ``label`` path."""
+
+    name: str
+    images: tuple[str, ...]
+    label: str
+
+
+def _case_name(path: str) -> str:
+    name = Path(path).name
+    for suffix in (NIFTI_SUFFIX, ".nii"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name
+
+
+def find_cases(root: str | os.PathLike | None = None, datalist: str | os.PathLike | None = None) -> list[Case]:
+    """List the labelled cases of an MSD / nnU-Net raw folder or a MONAI datalist JSON.
+
+    MSD: ``dataset.json`` ``training`` entries (``./imagesTr/x.nii.gz``) or, without them, ``imagesTr/*`` files.
+    nnU-Net: ``imagesTr/<case>_0000.nii.gz`` (+ ``_0001`` ...) and ``labelsTr/<case>.nii.gz``.
+    """
+    if datalist:
+        dl = Path(datalist)
+        if not dl.is_file():
+            raise FileNotFoundError(f"Datalist {str(dl)!r} does not exist.")
+        entries = json.loads(dl.read_text()).get("training")
+        if not entries:
+            raise ValueError(f"Datalist {str(dl)!r} has no 'training' entries.")
+        base = dl.parent
+        cases = []
+        for e in entries:
+            imgs = e["image"] if isinstance(e["image"], list) else [e["image"]]
+            cases.append(Case(_case_name(e["label"]), tuple(str((base / i).resolve()) for i in imgs),
+                              str((base / e["label"]).resolve())))
+        return _check_exist(cases, dl)
+    if root is None:
+        raise ValueError("Pass a dataset root folder or a datalist JSON.")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Dataset folder {str(root)!r} does not exist.")
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir() or not labels_dir.is_dir():
+        raise FileNotFoundError(
+            f"{str(root)!r} must contain 'imagesTr' and 'labelsTr' folders (MSD / nnU-Net raw layout)."
+        )
+    label_files = sorted(p for p in labels_dir.iterdir() if p.name.endswith((NIFTI_SUFFIX, ".nii"))
+                         and not p.name.startswith("."))
+    if not label_files:
+        raise ValueError(f"No label files (*.nii.gz) in {str(labels_dir)!r}: the dataset is empty.")
+    cases = []
+    for lab in label_files:
+        name = _case_name(lab.name)
+        plain = images_dir / lab.name
+        if plain.is_file():
+            cases.append(Case(name, (str(plain),), str(lab)))
+            continue
+        channels = sorted(images_dir.glob(f"{name}_[0-9][0-9][0-9][0-9]{NIFTI_SUFFIX}"))
+        if not channels:
+            raise FileNotFoundError(
+                f"Label {lab.name} has no image: expected {str(plain)!r} (MSD) or "
+                f"'{name}_0000{NIFTI_SUFFIX}' (nnU-Net) in {str(images_dir)!r}."
+            )
+        cases.append(Case(name, tuple(str(c) for c in channels), str(lab)))
+    return cases
+
+
+def _check_exist(cases: list[Case], source: Path) -> list[Case]:
+    for c in cases:
+        for p in (*c.images, c.label):
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"{str(source)!r} lists {p!r} for case {c.name!r}, but the file does not exist.")
+    return cases
+
+
+def read_split(path: str | os.PathLike) -> dict[str, list[str]]:
+    """Read a split JSON ``{"train": [...], "val": [...], "test": [...]}`` (case names)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"Split file {str(p)!r} does not exist.")
+    split = json.loads(p.read_text())
+    if not isinstance(split, dict) or "train" not in split:
+        raise ValueError(f"Split file {str(p)!r} must be a JSON object with a 'train' list (and optionally val/test).")
+    overlap = set(split.get("train", [])) & (set(split.get("test", [])) | set(split.get("val", [])))
+    if overlap:
+        raise ValueError(f"Split file {str(p)!r} puts cases in train and val/test at once: {sorted(overlap)[:5]}.")
+    return {k: list(v) for k, v in split.items()}
+
+
+def _centred_window(size: int, target: int, center: float) -> tuple[int, int, int, int]:
+    """(start, stop, pad_before, pad_after) of a window of ``target`` voxels centred on ``center``."""
+    if size >= target:
+        start = int(round(center - target / 2))
+        start = min(max(start, 0), size - target)
+        return start, start + target, 0, 0
+    pad = target - size
+    return 0, size, pad // 2, pad - pad // 2
+
+
+def crop_or_pad(image: np.ndarray, label: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Crop/pad channel-first arrays to ``shape`` centred on the foreground centroid.
+
+    Returns:
+        image ``(C, *shape)``, label ``(1, *shape)`` and the fraction of foreground voxels that fell outside.
+    """
+    fg = np.argwhere(label[0] > 0)
+    center = fg.mean(0) if len(fg) else np.array(label.shape[1:]) / 2
+    slices, pads = [], []
+    for size, target, c in zip(label.shape[1:], shape, center):
+        a, b, p0, p1 = _centred_window(size, int(target), float(c))
+        slices.append(slice(a, b))
+        pads.append((p0, p1))
+    sl = (slice(None), *slices)
+    img = np.pad(image[sl], [(0, 0), *pads], mode="constant", constant_values=0.0)
+    lab = np.pad(label[sl], [(0, 0), *pads], mode="constant", constant_values=0)
+    total = int((label > 0).sum())
+    lost = 0.0 if total == 0 else 1.0 - int((lab > 0).sum()) / total
+    return img, lab, lost
+
+
+def _transforms(cfg: DataConfig):
+    from monai import transforms as mt
+
+    keys = ["image", "label"]
+    ts = [
+        mt.LoadImaged(keys, image_only=False, ensure_channel_first=True),
+        mt.Orientationd(keys, axcodes="RAS", labels=None),
+    ]
+    if cfg.target_spacing:
+        ts.append(mt.Spacingd(keys, pixdim=cfg.target_spacing, mode=("bilinear", "nearest")))
+    return mt.Compose(ts)
+
+
+def preprocess_case(case: Case, cfg: DataConfig, volume_shape: Sequence[int], label_values: Sequence[int],
+                    transform=None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Load and preprocess one case.
+
+    Returns:
+        image float32 ``(C, *volume_shape)`` in [0, 1], label uint8 ``(1, *volume_shape)`` in ``0..K-1``, and
+        a dict of facts (original shape, lost foreground fraction).
+
+    Raises:
+        BadCaseError: unreadable file, NaN/Inf, image/label shape mismatch, empty label, unknown label values.
+    """
+    transform = transform or _transforms(cfg)
+    try:
+        channels = []
+        label = None
+        for img_path in case.images:
+            d = transform({"image": img_path, "label": case.label})
+            channels.append(np.asarray(d["image"], dtype=np.float32)[0])
+            label = np.asarray(d["label"])
+    except Exception as e:
+        raise BadCaseError(f"case {case.name!r}: cannot read {case.images} / {case.label}: {e}") from e
+    image = np.stack(channels)
+    if image.shape[1:] != label.shape[1:]:
+        raise BadCaseError(
+            f"case {case.name!r}: image shape {image.shape[1:]} != label shape {label.shape[1:]}. Fix or remove it."
+        )
+    if not np.isfinite(image).all():
+        raise BadCaseError(f"case {case.name!r}: the image contains NaN or Inf values.")
+    if not np.isfinite(label).all() or np.any(label != np.round(label)):
+        raise BadCaseError(f"case {case.name!r}: the label contains non-integer values.")
+    label = label.astype(np.int64)
+    present = set(np.unique(label).tolist())
+    unknown = sorted(present - set(label_values))
+    if unknown:
+        raise BadCaseError(f"case {case.name!r}: label values {unknown} are not in the dataset's labels {list(label_values)}.")
+    lut = np.zeros(max(label_values) + 1, dtype=np.uint8)
+    for new, old in enumerate(label_values):
+        lut[old] = new
+    label = lut[label]
+    if not np.any(label > 0):
+        raise BadCaseError(f"case {case.name!r}: the label is empty (background only).")
+    lo_p, hi_p = cfg.intensity_percentiles
+    for c in range(image.shape[0]):
+        lo, hi = np.percentile(image[c], [lo_p, hi_p])
+        if hi <= lo:
+            raise BadCaseError(f"case {case.name!r}: channel {c} is constant; cannot normalise it.")
+        image[c] = np.clip((image[c] - lo) / (hi - lo), 0.0, 1.0)
+    orig_shape = tuple(int(s) for s in label.shape[1:])
+    image, label, lost = crop_or_pad(image, label, volume_shape)
+    return image.astype(np.float32), label.astype(np.uint8), {"shape": orig_shape, "lost_foreground": lost}
+
+
+@dataclass
+class PreparedData:
+    """Preprocessed training (and validation) arrays.
+
+    Attributes:
+        images: float32 ``(N, C, H, W, D)`` in [0, 1].
+        labels: uint8 ``(N, 1, H, W, D)`` class ids.
+        names: case names.
+        val_images / val_labels / val_names: the validation cases (may be empty).
+        report: facts per case and the skipped cases with reasons.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    names: list[str]
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    val_names: list[str]
+    report: dict = field(default_factory=dict)
+
+
+def _load_arrays(cases: list[Case], cfg: DataConfig, shape, label_values, progress: bool):
+    from tqdm.auto import tqdm
+
+    transform = _transforms(cfg)
+    images, labels, names, facts, skipped = [], [], [], {}, {}
+    for case in tqdm(cases, desc="preprocessing", disable=not progress, leave=False):
+        try:
+            img, lab, info = preprocess_case(case, cfg, shape, label_values, transform)
+        except BadCaseError as e:
+            if cfg.on_bad_case == "fail":
+                raise BadCaseError(f"{e} (set [data].on_bad_case = 'skip' to skip bad cases with a report)") from e
+            logger.warning("skipping %s", e)
+            skipped[case.name] = str(e)
+            continue
+        images.append(img)
+        labels.append(lab)
+        names.append(case.name)
+        facts[case.name] = info
+    return images, labels, names, facts, skipped
+
+
+def prepare_dataset(
+    cfg: DataConfig,
+    volume_shape: Sequence[int],
+    *,
+    cache_dir: str | os.PathLike,
+    progress: bool = True,
+) -> tuple[PreparedData, list[int]]:
+    """Find, split, preprocess and cache the dataset. Test cases of the split are never read.
+
+    Returns:
+        the prepared arrays and the original label values (index = new id).
+    """
+    cases = find_cases(cfg.root or None, cfg.datalist or None)
+    label_values = list(cfg.label_values)
+    if not label_values:
+        meta = Path(cfg.root) / "dataset.json" if cfg.root else None
+        if meta is not None and meta.is_file():
+            labels_meta = json.loads(meta.read_text()).get("labels", {})
+            label_values = sorted(int(k) if str(k).isdigit() else int(v) for k, v in labels_meta.items())
+        if not label_values:
+            raise ValueError("Cannot infer label values: set [data].label_values (e.g. [0, 1, 2]).")
+    by_name = {c.name: c for c in cases}
+    if cfg.split:
+        split = read_split(cfg.split)
+        missing = [n for n in split["train"] + split.get("val", []) if n not in by_name]
+        if missing:
+            raise FileNotFoundError(f"Split {cfg.split!r} names cases not in the dataset: {missing[:5]}.")
+        train_cases = [by_name[n] for n in split["train"]]
+        val_cases = [by_name[n] for n in split.get("val", [])]
+    else:
+        train_cases, val_cases = cases, []
+    key = hashlib.sha256(json.dumps({
+        "cfg": cfg.to_dict() | {"cache_dir": ""}, "shape": list(volume_shape), "values": label_values,
+        "train": [c.name for c in train_cases], "val": [c.name for c in val_cases], "v": 1,
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"prepared-{key}.npz"
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            data = PreparedData(
+                torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), z["names"].tolist(),
+                torch.from_numpy(z["val_images"]), torch.from_numpy(z["val_labels"]), z["val_names"].tolist(),
+                json.loads(str(z["report"])),
+            )
+        return data, label_values
+    imgs, labs, names, facts, skipped = _load_arrays(train_cases, cfg, volume_shape, label_values, progress)
+    if not imgs:
+        raise ValueError(f"No usable training cases in {cfg.root or cfg.datalist!r} (skipped: {len(skipped)}).")
+    vimgs, vlabs, vnames, vfacts, vskipped = _load_arrays(val_cases, cfg, volume_shape, label_values, progress)
+    report = {"cases": facts | vfacts, "skipped": skipped | vskipped, "label_values": label_values,
+              "num_train": len(names), "num_val": len(vnames)}
+    shape_c = (0, imgs[0].shape[0], *volume_shape)
+    data = PreparedData(
+        torch.from_numpy(np.stack(imgs)), torch.from_numpy(np.stack(labs)), names,
+        torch.from_numpy(np.stack(vimgs)) if vimgs else torch.zeros(shape_c),
+        torch.from_numpy(np.stack(vlabs)) if vlabs else torch.zeros((0, 1, *volume_shape), dtype=torch.uint8),
+        vnames, report,
+    )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(cache, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=data.images.numpy(), labels=data.labels.numpy(), names=np.array(names, dtype=str),
+                     val_images=data.val_images.numpy(), val_labels=data.val_labels.numpy(),
+                     val_names=np.array(vnames, dtype=str), report=np.array(json.dumps(report)))
+    return data, label_values

@@ -1,0 +1,133 @@
+"""Loss functions of the five Duo-Diffusion stages.
+
+* ``label_autoencoder``: one-hot labels in; cross-entropy + Dice reconstruction + KL.
+* ``image_autoencoder``: L1 reconstruction + KL.
+* ``label_unet`` / ``image_unet``: denoising (epsilon or v) MSE on cached, scaled latents (DDPM schedule).
+* ``image_controlnet``: initialised from the image UNet, UNet frozen, conditioned on the real one-hot label.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from torch import nn
+
+from ..schedulers import make_scheduler
+from .loop import StepContext
+
+__all__ = ["AutoencoderStep", "ControlledUNet", "autoencoder_loss", "diffusion_loss", "kl_loss", "encode_latents"]
+
+
+class AutoencoderStep(nn.Module):
+    """Encode -> reparameterise with given noise -> decode, in one ``forward`` (so DDP sees it).
+
+    MONAI's ``AutoencoderKL.forward`` draws its own noise from the global RNG; passing ``eps`` keeps training
+    reproducible and resumable.
+    """
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, sigma = self.autoencoder.encode(x)
+        z = mu + sigma * eps.to(mu.dtype)
+        return self.autoencoder.decode(z), mu, sigma
+
+
+class ControlledUNet(nn.Module):
+    """A frozen diffusion UNet driven by a trainable ControlNet (one ``forward`` for DDP)."""
+
+    def __init__(self, unet: nn.Module, controlnet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet.requires_grad_(False)
+        self.controlnet = controlnet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        down, mid = self.controlnet(x=x, timesteps=t, controlnet_cond=cond)
+        return self.unet(x=x, timesteps=t, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+    def train(self, mode: bool = True) -> ControlledUNet:
+        super().train(mode)
+        self.unet.eval()
+        return self
+
+
+def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma) || N(0, 1)) summed over latent voxels, averaged over the batch."""
+    mu, sigma = mu.float(), sigma.float()
+    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2).clamp_min(1e-12)) - 1)
+    return kl.flatten(1).sum(1).mean()
+
+
+def autoencoder_loss(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    kind: str,
+    num_classes: int,
+    latent_shape: tuple[int, ...],
+    kl_weight: float,
+    dice_weight: float,
+):
+    """Loss function for an autoencoder stage.
+
+    Args:
+        images: float32 ``(N, C, H, W, D)`` in [0, 1] (image stage).
+        labels: uint8 ``(N, 1, H, W, D)`` (label stage).
+        kind: ``"label"`` or ``"image"``.
+    """
+    dice = DiceLoss(softmax=True, include_background=False)
+
+    def loss_fn(model: nn.Module, ctx: StepContext):
+        eps = torch.randn((len(ctx.indices), *latent_shape), generator=ctx.generator).to(ctx.device)
+        if kind == "label":
+            lab = labels[ctx.indices].to(ctx.device).long()
+            x = F.one_hot(lab[:, 0], num_classes).movedim(-1, 1).float()
+            recon, mu, sigma = model(x, eps)
+            recon = recon.float()
+            ce = F.cross_entropy(recon, lab[:, 0])
+            dl = dice(recon, x)
+            kl = kl_loss(mu, sigma)
+            return ce + dice_weight * dl + kl_weight * kl, {"ce": float(ce), "dice": float(dl), "kl": float(kl)}
+        x = images[ctx.indices].to(ctx.device)
+        recon, mu, sigma = model(x, eps)
+        l1 = (recon.float() - x).abs().mean()
+        kl = kl_loss(mu, sigma)
+        return l1 + kl_weight * kl, {"l1": float(l1), "kl": float(kl)}
+
+    return loss_fn
+
+
+def diffusion_loss(latents: torch.Tensor, scheduler_cfg, *, one_hot: torch.Tensor | None = None):
+    """Denoising loss on cached scaled latents ``(N, C, h, w, d)``; ``one_hot`` ``(N, K, H, W, D)`` for the ControlNet."""
+    scheduler = make_scheduler("ddpm", scheduler_cfg)
+    T = scheduler_cfg.num_train_timesteps
+    prediction = scheduler_cfg.prediction_type
+
+    def loss_fn(model: nn.Module, ctx: StepContext):
+        z0 = latents[ctx.indices].to(ctx.device)
+        noise = torch.randn(z0.shape, generator=ctx.generator).to(ctx.device)
+        t = torch.randint(0, T, (z0.shape[0],), generator=ctx.generator).to(ctx.device)
+        zt = scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
+        if one_hot is None:
+            pred = model(x=zt, timesteps=t)
+        else:
+            pred = model(zt, t, one_hot[ctx.indices].to(ctx.device))
+        target = noise if prediction == "epsilon" else scheduler.get_velocity(z0, noise, t)
+        mse = F.mse_loss(pred.float(), target)
+        return mse, {}
+
+    return loss_fn
+
+
+@torch.inference_mode()
+def encode_latents(autoencoder: nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 8) -> torch.Tensor:
+    """Posterior means ``(N, C, h, w, d)`` of ``x`` (float32, unscaled), computed in chunks."""
+    autoencoder.eval().to(device)
+    out = []
+    for i in range(0, len(x), batch_size):
+        mu, _ = autoencoder.encode(x[i : i + batch_size].to(device))
+        out.append(mu.float().cpu())
+    return torch.cat(out)

@@ -1,0 +1,302 @@
+"""`train()`: run Duo-Diffusion stages on a labelled NIfTI dataset and write a loadable pipeline folder.
+
+After every stage ``<output_dir>/model`` is a complete pipeline (``DuoDiffusion.from_pretrained`` loads it);
+stages not trained yet keep their initial weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .. import keys
+from ..pipeline import DuoDiffusion
+from ..presets import make_config
+from .config import STAGES, TrainConfig, load_train_config
+from .data import PreparedData, prepare_dataset
+from .loop import dist_info, run_stage
+from .stages import AutoencoderStep, ControlledUNet, autoencoder_loss, diffusion_loss, encode_latents
+
+__all__ = ["train", "Trainer"]
+
+logger = logging.getLogger(__name__)
+
+_DEPENDS = {
+    "label_unet": "label_autoencoder",
+    "image_unet": "image_autoencoder",
+    "image_controlnet": "image_unet",
+}
+
+
+def _init_distributed(device: str) -> torch.device:
+    """Join a torchrun process group if one is configured; returns this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    if device.startswith("cuda") and world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device(device)
+
+
+class Trainer:
+    """Trains the stages of one run folder; see :func:`train`."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.cfg = config
+        self.out = Path(config.output_dir)
+        self.model_dir = self.out / "model"
+        self.device = _init_distributed(config.device)
+        self.di = dist_info()
+        self._data: PreparedData | None = None
+        self.label_values: list[int] = []
+
+    # ---------------------------------------------------------------- data and pipeline
+    @property
+    def data(self) -> PreparedData:
+        if self._data is None:
+            cache = Path(self.cfg.data.cache_dir) if self.cfg.data.cache_dir else self.out / "cache"
+            shape = self.cfg.model.volume_shape or make_config(self.cfg.model.preset, num_classes=2).volume_shape
+            self._data, self.label_values = prepare_dataset(
+                self.cfg.data, shape, cache_dir=cache, progress=self.cfg.progress and self.di.is_main
+            )
+            if self.di.is_main:
+                (self.out / "logs").mkdir(parents=True, exist_ok=True)
+                (self.out / "logs" / "data_report.json").write_text(json.dumps(self._data.report, indent=2))
+        return self._data
+
+    def _label_names(self) -> tuple[str, ...]:
+        if self.cfg.model.label_names:
+            return tuple(self.cfg.model.label_names)
+        meta = Path(self.cfg.data.root) / "dataset.json" if self.cfg.data.root else None
+        if meta is not None and meta.is_file():
+            labels = json.loads(meta.read_text()).get("labels", {})
+            by_value = {}
+            for k, v in labels.items():
+                if str(k).isdigit():
+                    by_value[int(k)] = str(v)
+                else:
+                    by_value[int(v)] = str(k)
+            names = tuple(by_value.get(v, f"class_{v}") for v in self.label_values)
+            if names:
+                return names
+        return ()
+
+    def load_pipeline(self) -> DuoDiffusion:
+        """The run's pipeline: the saved one, or a fresh preset (weights seeded by ``seed``)."""
+        if (self.model_dir / keys.MODEL_INDEX).is_file():
+            return DuoDiffusion.from_pretrained(self.model_dir)
+        data = self.data
+        m = self.cfg.model
+        return DuoDiffusion.from_preset(
+            m.preset, num_classes=len(self.label_values), volume_shape=tuple(data.images.shape[2:]),
+            label_names=self._label_names() or None, image_channels=int(data.images.shape[1]),
+            prediction_type=m.prediction_type, attributes=m.attributes, init_seed=self.cfg.seed,
+        )
+
+    def _save(self, pipe: DuoDiffusion) -> None:
+        if self.di.is_main:
+            pipe.save_pretrained(self.model_dir)
+        if self.di.world_size > 1:
+            dist.barrier()
+
+    def _state(self) -> dict:
+        f = self.out / "logs" / "stages.json"
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+    def _mark(self, stage: str, info: dict) -> None:
+        if not self.di.is_main:
+            return
+        state = self._state()
+        state[stage] = info
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        (self.out / "logs" / "stages.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+
+    # ---------------------------------------------------------------- stages
+    def run(self, stages: Sequence[str] | None = None, *, resume: bool = False, stop_after: int | None = None) -> Path:
+        todo = list(STAGES) if not stages or list(stages) == ["all"] else list(stages)
+        bad = [s for s in todo if s not in STAGES]
+        if bad:
+            raise ValueError(f"Unknown stage(s) {bad}. Choose from {list(STAGES)} or 'all'.")
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.di.is_main:
+            (self.out / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True))
+        done = self._state()
+        for stage in STAGES:
+            if stage not in todo:
+                continue
+            if resume and done.get(stage, {}).get("finished"):
+                logger.info("stage %s already finished; skipping", stage)
+                continue
+            need = _DEPENDS.get(stage)
+            if need and not done.get(need, {}).get("finished") and need not in todo:
+                raise ValueError(f"Stage {stage!r} needs a trained {need!r} first: run `--stage {need}` (or 'all').")
+            finished = self._run_stage(stage, resume=resume, stop_after=stop_after)
+            done = self._state()
+            if not finished:
+                break
+        return self.model_dir
+
+    def _run_stage(self, stage: str, *, resume: bool, stop_after: int | None) -> bool:
+        data, cfg, scfg = self.data, self.cfg, self.cfg.stages[stage]
+        pipe = self.load_pipeline()
+        pc = pipe.config
+        common = dict(
+            num_samples=len(data.names), seed=cfg.seed, device=self.device, amp=cfg.amp,
+            ckpt_root=self.out / "checkpoints" / stage, log_file=self.out / "logs" / f"{stage}.csv",
+            resume=resume, stop_after=stop_after, progress=cfg.progress,
+        )
+        t0 = time.perf_counter()
+        info: dict = {}
+        if stage in ("label_autoencoder", "image_autoencoder"):
+            kind = stage.split("_")[0]
+            ae = getattr(pipe, stage)
+            latent = pc.label_latent_shape if kind == "label" else pc.image_latent_shape
+            loss = autoencoder_loss(data.images, data.labels, kind=kind, num_classes=pc.num_classes,
+                                    latent_shape=latent, kl_weight=scfg.kl_weight, dice_weight=scfg.dice_weight)
+            wrapper, finished = run_stage(stage, AutoencoderStep(ae), loss, scfg, use_ema=False, **common)
+            ae = wrapper.autoencoder
+            x = self._ae_inputs(kind, data.images, data.labels, pc.num_classes)
+            z = encode_latents(ae, x, device=self.device)
+            scale = float(1.0 / z.std().clamp_min(1e-6))
+            key = f"{kind}_scale_factor"
+            pipe = DuoDiffusion(pc.replace(**{key: scale}), pipe.components() | {stage: ae.cpu()})
+            info.update(scale_factor=scale, latent_std=float(z.std()))
+            info.update(self._validate_autoencoder(kind, pipe))
+        elif stage in ("label_unet", "image_unet"):
+            kind = stage.split("_")[0]
+            latents = self._latents(pipe, kind)
+            unet = getattr(pipe, stage)
+            unet, finished = run_stage(stage, unet, diffusion_loss(latents, pc.scheduler), scfg, use_ema=True,
+                                       **common)
+            pipe = DuoDiffusion(pc, pipe.components() | {stage: unet.cpu()})
+        else:  # image_controlnet
+            from monai.networks.utils import copy_model_state
+
+            latents = self._latents(pipe, "image")
+            controlnet = pipe.image_controlnet
+            if not (resume and (self.out / "checkpoints" / stage).is_dir()):
+                copy_model_state(controlnet, pipe.image_unet.state_dict())
+            one_hot = F.one_hot(data.labels[:, 0].long(), pc.num_classes).movedim(-1, 1).float()
+            model = ControlledUNet(pipe.image_unet, controlnet)
+            trained, finished = run_stage(stage, model, diffusion_loss(latents, pc.scheduler, one_hot=one_hot), scfg,
+                                          use_ema=True, **common)
+            pipe = DuoDiffusion(pc, pipe.components() | {stage: trained.controlnet.cpu()})
+            pipe.image_unet.requires_grad_(True)
+        info.update(finished=finished, steps=scfg.steps if finished else stop_after,
+                    seconds=round(time.perf_counter() - t0, 1))
+        self._save(pipe)
+        self._mark(stage, info)
+        if finished and self.di.is_main:
+            self._previews(stage, pipe)
+        return finished
+
+    @staticmethod
+    def _ae_inputs(kind: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        if kind == "image":
+            return images
+        return F.one_hot(labels[:, 0].long(), num_classes).movedim(-1, 1).float()
+
+    def _latents(self, pipe: DuoDiffusion, kind: str) -> torch.Tensor:
+        data = self.data
+        ae = getattr(pipe, f"{kind}_autoencoder")
+        x = self._ae_inputs(kind, data.images, data.labels, pipe.config.num_classes)
+        scale = getattr(pipe.config, f"{kind}_scale_factor")
+        return encode_latents(ae, x, device=self.device) * scale
+
+    @torch.inference_mode()
+    def _validate_autoencoder(self, kind: str, pipe: DuoDiffusion) -> dict:
+        data = self.data
+        if len(data.val_names) == 0:
+            return {}
+        ae = getattr(pipe, f"{kind}_autoencoder").to(self.device).eval()
+        if kind == "image":
+            x = data.val_images.to(self.device)
+            mu, _ = ae.encode(x)
+            return {"val_l1": float((ae.decode(mu).float().clamp(0, 1) - x).abs().mean())}
+        from monai.metrics import compute_dice
+
+        k = pipe.config.num_classes
+        x = self._ae_inputs("label", data.val_images, data.val_labels, k).to(self.device)
+        mu, _ = ae.encode(x)
+        pred = ae.decode(mu).argmax(1)
+        pred_oh = F.one_hot(pred, k).movedim(-1, 1).float()
+        dice = compute_dice(pred_oh, x, include_background=False).mean(0)
+        return {"val_dice": {n: float(d) for n, d in zip(pipe.config.label_names[1:], dice)}}
+
+    def _previews(self, stage: str, pipe: DuoDiffusion) -> None:
+        try:
+            from ..preview import plot_pairs
+        except ImportError:  # pragma: no cover
+            return
+        out = self.out / "previews" / f"{stage}.png"
+        try:
+            _plot_curve(self.out / "logs" / f"{stage}.csv", self.out / "logs" / f"{stage}.png")
+            if stage == "image_controlnet":
+                s = pipe.to(self.device).sample(4, seed=0, num_inference_steps=25, progress=False)
+                plot_pairs([i[0].numpy() for i in s.images], [lab[0].numpy() for lab in s.labels], out,
+                           titles=[f"seed {x}" for x in s.seeds], num_classes=pipe.config.num_classes)
+        except ImportError:  # matplotlib missing: previews are optional
+            logger.info("matplotlib not installed; skipping previews")
+
+
+def _plot_curve(csv_file: Path, png: Path) -> None:
+    import csv
+
+    from ..preview import _require_matplotlib
+
+    if not csv_file.is_file():
+        return
+    plt = _require_matplotlib()
+    with open(csv_file) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for key in rows[0]:
+        if key in ("step", "lr", "seconds"):
+            continue
+        ax.plot(steps, [float(r[key]) for r in rows], label=key)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(csv_file.stem)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def train(
+    config: TrainConfig | str | os.PathLike,
+    *,
+    stages: Sequence[str] | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> Path:
+    """Train the given stages (default all, in order) and return the pipeline folder.
+
+    Args:
+        config: a :class:`TrainConfig` or the path of a TOML config.
+        stages: subset of :data:`duodiff.train.config.STAGES`, or ``None``/``["all"]``.
+        resume: continue from the latest checkpoint of each unfinished stage; finished stages are skipped.
+        stop_after: stop a stage after this many total steps (time-boxed runs, tests); resume later.
+
+    Example:
+        >>> from duodiff.train import train
+        >>> model_dir = train("examples/hippocampus/train.toml")  # doctest: +SKIP
+        >>> pipe = DuoDiffusion.from_pretrained(model_dir)  # doctest: +SKIP
+    """
+    if not isinstance(config, TrainConfig):
+        config = load_train_config(config)
+    return Trainer(config).run(stages, resume=resume, stop_after=stop_after)
