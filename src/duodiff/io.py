@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import tempfile
@@ -64,13 +65,19 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) 
         affine: 4x4 voxel-to-RAS-mm matrix.
     """
     path = Path(path)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    if not path.name.endswith((".nii.gz", ".nii")):
+        raise ValueError(f"NIfTI paths must end in '.nii.gz' or '.nii', got {str(path)!r}.")
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    with atomic_write(path, suffix=suffix) as tmp:
-        nib.save(img, tmp)
+    data = img.to_bytes()
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data, compresslevel=1, mtime=0)  # nibabel's default level; mtime=0: same bytes every run
+    # serialise in memory, so the temporary name need not end in .nii.gz: a leftover from a killed process
+    # is never matched by '*.nii.gz' (nnU-Net, dataset.json counts, previews)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
     return path
 
 
