@@ -41,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         seeds = [s for s in seeds if not (out / "labelsTr" / f"{sample_name(s, args.prefix)}.nii.gz").exists()]
     pipe = load_model(args, device=args.device)
+    try:  # fail before sampling, not after it
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"Cannot create output folders in {str(out)!r}: {e}. Choose a writable --out.") from e
     written = 0
     from tqdm.auto import tqdm
 
