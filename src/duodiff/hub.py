@@ -278,6 +278,12 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], *
             f"Weights in {source} do not match {component}'s config: {len(wrong)} tensor(s) have the wrong shape, "
             f"e.g. {k!r} is {got} but the config builds {want}."
         )
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ModelLoadError(
+            f"Weights in {source} are broken: {len(broken)} tensor(s) of {component} contain NaN or Inf, e.g. "
+            f"{broken[0]!r} (diverged training?). Use an earlier checkpoint."
+        )
     target_dtype = next(iter(expected.values())).dtype
     state = {k: (v.to(target_dtype) if v.is_floating_point() else v) for k, v in state.items()}
     module.load_state_dict(state, strict=True)
