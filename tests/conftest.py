@@ -63,9 +63,9 @@ def fill_hf_cache(model_dir: Path, cache_dir: Path, repo_id: str, *, commit: str
 
 
 def offline_env(**extra: str) -> dict[str, str]:
-    """Environment for subprocesses: Hub offline, no progress bars, few threads."""
+    """Environment for subprocesses: Hub offline, one thread."""
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
 

@@ -1,0 +1,96 @@
+"""Preview montages: axial / coronal / sagittal with a label overlay, from folders or single files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from duodiff import DuoSample
+from duodiff.io import spacing_affine, write_nifti
+from duodiff.preview import find_pairs, plot_pairs, preview_folder
+from duodiff.testing import phantom_pair
+
+pytest.importorskip("matplotlib")
+
+
+def read_png(path):
+    import matplotlib.image as mpimg
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return mpimg.imread(path)
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory):
+    pairs = [phantom_pair((16, 20, 12), num_classes=3, seed=s) for s in range(3)]
+    images = torch.from_numpy(np.stack([p[0] / 1000.0 for p in pairs])[:, None].astype(np.float32))
+    labels = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None].astype(np.int64))
+    out = tmp_path_factory.mktemp("samples")
+    DuoSample(images=images, labels=labels, affine=spacing_affine((1, 1, 1)), spacing=(1.0, 1.0, 1.0),
+              label_names=("background", "a", "b"), seeds=[0, 1, 2]).save(out)
+    return out
+
+
+def test_plot_pairs_with_labels(tmp_path):
+    img, lab = phantom_pair((16, 16, 16), num_classes=3, seed=0)
+    png = plot_pairs([img, img], [lab, lab], tmp_path / "sub" / "m.png", titles=["a", "b"])
+    pixels = read_png(png)
+    h, w = pixels.shape[:2]
+    assert w > 2 * h  # 2 rows x 6 columns (3 planes, with and without overlay)
+    # the overlay adds colour: some pixels are not grey
+    rgb = pixels[..., :3]
+    assert float(np.abs(rgb[..., 0] - rgb[..., 2]).max()) > 0.1
+
+
+def test_plot_pairs_without_labels_is_grey(tmp_path):
+    img, _ = phantom_pair((16, 16, 16), seed=1)
+    pixels = read_png(plot_pairs([img], [None], tmp_path / "m.png"))
+    rgb = pixels[..., :3]
+    assert float(np.abs(rgb[..., 0] - rgb[..., 2]).max()) < 0.02
+
+
+def test_plot_pairs_needs_images(tmp_path):
+    with pytest.raises(ValueError, match="no images"):
+        plot_pairs([], [], tmp_path / "m.png")
+
+
+def test_find_pairs(sample_dir):
+    pairs = find_pairs(sample_dir)
+    assert len(pairs) == 3
+    img, lab = pairs[0]
+    assert img.name == "duodiff_s0000000000_0000.nii.gz"
+    assert lab is not None and lab.name == "duodiff_s0000000000.nii.gz"
+
+
+def test_find_pairs_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No 'imagesTr' folder"):
+        find_pairs(tmp_path)
+    (tmp_path / "imagesTr").mkdir()
+    with pytest.raises(FileNotFoundError, match="No '\\*.nii.gz' images"):
+        find_pairs(tmp_path)
+
+
+def test_preview_folder_limits_cases(sample_dir, tmp_path):
+    one = read_png(preview_folder(sample_dir, tmp_path / "one.png", max_cases=1))
+    three = read_png(preview_folder(sample_dir, tmp_path / "three.png", max_cases=3))
+    assert three.shape[0] > 2 * one.shape[0]
+
+
+def test_preview_single_file_with_label(sample_dir, tmp_path):
+    img, lab = find_pairs(sample_dir)[0]
+    png = preview_folder(img, tmp_path / "single.png", label=lab)
+    assert read_png(png).shape[1] > 0
+
+
+def test_preview_label_shape_mismatch(tmp_path):
+    img, lab = phantom_pair((16, 16, 16), seed=0)
+    write_nifti(tmp_path / "img.nii.gz", img, np.eye(4))
+    write_nifti(tmp_path / "lab.nii.gz", lab[:8], np.eye(4))
+    with pytest.raises(ValueError, match=r"shape \(8, 16, 16\) but image has \(16, 16, 16\)"):
+        preview_folder(tmp_path / "img.nii.gz", tmp_path / "m.png", label=tmp_path / "lab.nii.gz")
+
+
+def test_preview_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Nothing to preview"):
+        preview_folder(tmp_path / "nope", tmp_path / "m.png")
