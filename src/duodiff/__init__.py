@@ -16,6 +16,7 @@ from .config import (  # noqa: E402
     SchedulerConfig,
     UNetConfig,
 )
+from .data import MixedBatchSampler, SyntheticPairDataset, mix_loaders  # noqa: E402
 from .output import DuoSample  # noqa: E402
 from .pipeline import DuoDiffusion  # noqa: E402
 from .presets import PRESETS, make_config  # noqa: E402
@@ -32,4 +33,7 @@ __all__ = [
     "ConfigError",
     "PRESETS",
     "make_config",
+    "SyntheticPairDataset",
+    "MixedBatchSampler",
+    "mix_loaders",
 ]

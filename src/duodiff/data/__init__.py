@@ -1,0 +1,17 @@
+"""Datasets and samplers for training segmentation models on real + synthetic pairs."""
+
+from __future__ import annotations
+
+from .mixing import SCHEDULES, FractionSchedule, MixedBatchSampler, MixedLoader, mix_loaders, round_half_up
+from .synthetic import StreamingSyntheticPairDataset, SyntheticPairDataset
+
+__all__ = [
+    "SyntheticPairDataset",
+    "StreamingSyntheticPairDataset",
+    "MixedBatchSampler",
+    "MixedLoader",
+    "mix_loaders",
+    "FractionSchedule",
+    "SCHEDULES",
+    "round_half_up",
+]
