@@ -97,6 +97,21 @@ def test_both_variants_in_one_folder(tiny_pipe, tiny_model_dir):
     assert torch.equal(half.label_unet.out[2].conv.weight, w.half().float())
 
 
+def test_saving_another_model_drops_stale_variants(tmp_path):
+    a, b = make_tiny(3, seed=0), make_tiny(3, seed=1)
+    target = tmp_path / "m"
+    a.save_pretrained(target)
+    a.save_pretrained(target, variant="fp16")
+    a.save_pretrained(target)  # same model again: its fp16 weights stay
+    assert (target / "label_unet" / "model.fp16.safetensors").is_file()
+    b.save_pretrained(target)  # another model: A's fp16 weights must not survive next to B's config
+    for name in COMPONENTS:
+        assert not (target / name / "model.fp16.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match="variant="):
+        DuoDiffusion.from_pretrained(target, variant="fp16")
+    assert_same_weights(b, DuoDiffusion.from_pretrained(target))
+
+
 def test_from_pretrained_dtype_and_device(tiny_model_dir):
     pipe = DuoDiffusion.from_pretrained(tiny_model_dir, dtype="bfloat16", device="cpu")
     assert pipe.dtype == torch.bfloat16 and pipe.device == torch.device("cpu")
@@ -298,6 +313,15 @@ def test_config_not_matching_weights_is_an_error(broken_copy):
     cfg["latent_channels"] = 4
     (broken_copy / "image_autoencoder" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="latent_channels"):  # caught by PipelineConfig validation first
+        DuoDiffusion.from_pretrained(broken_copy)
+
+
+def test_nan_weights_are_an_error(broken_copy):
+    def poison(s):
+        s["out.2.conv.bias"] = torch.full_like(s["out.2.conv.bias"], float("nan"))
+
+    _edit_weights(broken_copy, "label_unet", poison)
+    with pytest.raises(ModelLoadError, match="NaN or Inf"):
         DuoDiffusion.from_pretrained(broken_copy)
 
 

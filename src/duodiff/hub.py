@@ -108,16 +108,19 @@ def save_pipeline(pipe: DuoDiffusion, save_directory: str | os.PathLike, *, vari
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
-    """Replace ``target`` by ``tmp``; keeps any other variant's weights already in ``target``."""
+    """Replace ``target`` by ``tmp``; keeps other variants' weights in ``target`` if they hold the same model."""
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{str(target)!r} exists and is not a folder; choose another save_directory.")
     if target.exists():
-        # keep weights of other variants that the new save does not write
-        for name in keys.COMPONENTS:
-            for old in (target / name).glob("model*.safetensors"):
-                new = tmp / name / old.name
-                if not new.exists():
-                    shutil.copy2(old, new)
+        # keep weights of other variants that the new save does not write, but only if they hold the same
+        # model (equal after fp16 rounding in every component); stale weights of another model are dropped
+        written = {p.name for p in (tmp / keys.COMPONENTS[0]).glob("model*.safetensors")}
+        others = {p.name for p in (target / keys.COMPONENTS[0]).glob("model*.safetensors")} - written
+        for fname in sorted(others):
+            pairs = [(target / name / fname, next((tmp / name).glob("model*.safetensors"))) for name in keys.COMPONENTS]
+            if all(_same_weights(old, new) for old, new in pairs):
+                for old, new in pairs:
+                    shutil.copy2(old, new.with_name(fname))
         backup = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, backup)
         try:
@@ -128,6 +131,25 @@ def _swap_in(tmp: Path, target: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two safetensors files hold the same tensors up to fp16 rounding (variants of one model)."""
+    try:
+        sa, sb = load_file(str(a)), load_file(str(b))
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return False
+    if sa.keys() != sb.keys():
+        return False
+    for k, va in sa.items():
+        vb = sb[k]
+        if va.shape != vb.shape or va.is_floating_point() != vb.is_floating_point():
+            return False
+        if va.is_floating_point() and not torch.equal(va.half(), vb.half()):
+            return False
+        if not va.is_floating_point() and not torch.equal(va, vb):
+            return False
+    return True
 
 
 def model_card(pipe: DuoDiffusion, *, license: str = "other", extra: str = "") -> str:
