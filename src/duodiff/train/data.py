@@ -184,11 +184,17 @@ def preprocess_case(case: Case, cfg: DataConfig, volume_shape: Sequence[int], la
         label = None
         for img_path in case.images:
             d = transform({"image": img_path, "label": case.label})
-            channels.append(np.asarray(d["image"], dtype=np.float32)[0])
+            channels.append(np.asarray(d["image"], dtype=np.float32))
             label = np.asarray(d["label"])
     except Exception as e:
         raise BadCaseError(f"case {case.name!r}: cannot read {case.images} / {case.label}: {e}") from e
-    image = np.stack(channels)
+    for path, arr in (*zip(case.images, channels), (case.label, label)):
+        if arr.ndim != 4 or arr.shape[0] != 1:  # channel-first: one 3D volume per file is (1, H, W, D)
+            raise BadCaseError(
+                f"case {case.name!r}: {path} loads as an array of shape {arr.shape} (channel first); duodiff needs "
+                "one 3D volume per file. Store each image channel as its own file (nnU-Net _0000, _0001, ...)."
+            )
+    image = np.concatenate(channels)
     if image.shape[1:] != label.shape[1:]:
         raise BadCaseError(
             f"case {case.name!r}: image shape {image.shape[1:]} != label shape {label.shape[1:]}. Fix or remove it."
