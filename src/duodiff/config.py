@@ -101,7 +101,11 @@ class _Config:
                     f"{self._name}.{f.name} must be {_describe(annotation)}, got {value!r} "
                     f"({type(value).__name__})."
                 )
-            object.__setattr__(self, f.name, _coerce(value, annotation))
+            try:
+                coerced = _coerce(value, annotation)
+            except (ConfigError, TypeError) as e:  # a nested config: say which one (two autoencoders share a class)
+                raise type(e)(f"{f.name}: {e}") from e
+            object.__setattr__(self, f.name, coerced)
         self.validate()
 
     def validate(self) -> None:  # pragma: no cover - overridden
@@ -176,8 +180,8 @@ def _check_levels(name: str, channels: tuple[int, ...], per_level: dict[str, tup
 
 
 def _check_groups(name: str, channels: tuple[int, ...], groups: int) -> None:
-    bad = [c for c in channels if c % groups]
-    if groups <= 0 or bad:
+    bad = [c for c in channels if c % groups] if groups > 0 else list(channels)
+    if bad:
         raise ConfigError(
             f"{name}.norm_num_groups={groups} must divide every channel count, but {bad or channels} "
             f"are not divisible. Use a norm_num_groups that divides all of {channels} "
@@ -257,6 +261,8 @@ class UNetConfig(_Config):
             {"num_res_blocks": self.num_res_blocks, "attention_levels": self.attention_levels},
         )
         _check_groups(self._name, self.channels, self.norm_num_groups)
+        if self.num_head_channels < 1:
+            raise ConfigError(f"{self._name}.num_head_channels must be >= 1, got {self.num_head_channels}.")
         for c, att in zip(self.channels, self.attention_levels):
             if att and c % self.num_head_channels:
                 raise ConfigError(
@@ -388,6 +394,9 @@ class PipelineConfig(_Config):
             raise ConfigError(f"spacing must be positive finite mm values, got {self.spacing}.")
         if self.image_channels < 1:
             raise ConfigError(f"image_channels must be >= 1, got {self.image_channels}.")
+        lo, hi = self.intensity_range
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ConfigError(f"intensity_range must be two finite numbers (lo, hi) with lo < hi, got {(lo, hi)}.")
         for name in ("label_scale_factor", "image_scale_factor"):
             v = getattr(self, name)
             if not math.isfinite(v) or v <= 0:

@@ -255,6 +255,8 @@ class DuoDiffusion:
             )
         if labels.shape[0] == 0:
             raise ValueError("labels is empty (N=0); pass at least one label map.")
+        if labels.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch has no min/max for these
+            labels = labels.to(torch.int64)
         lo, hi = int(labels.min()), int(labels.max())
         k = self.config.num_classes
         if lo < 0 or hi >= k:
