@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .mixing import SCHEDULES, FractionSchedule, MixedBatchSampler, MixedLoader, mix_loaders, round_half_up
+from .mixing import SCHEDULES, FractionSchedule, MixedBatchSampler, MixedLoader, mark_real, mix_loaders, round_half_up
 from .synthetic import StreamingSyntheticPairDataset, SyntheticPairDataset
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "MixedBatchSampler",
     "MixedLoader",
     "mix_loaders",
+    "mark_real",
     "FractionSchedule",
     "SCHEDULES",
     "round_half_up",

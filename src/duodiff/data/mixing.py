@@ -28,6 +28,7 @@ __all__ = [
     "MixedBatchSampler",
     "MixedLoader",
     "mix_loaders",
+    "mark_real",
 ]
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -140,6 +141,18 @@ def _check_unit(schedule: FractionSchedule, num_epochs: int | None, unit: str) -
                 "progress."
             )
         _check_positive("num_epochs", num_epochs)
+
+
+def mark_real(item: Mapping[str, Any]) -> dict[str, Any]:
+    """Add ``"is_synthetic": False`` and ``"seed": -1`` to a real sample dict (a copy).
+
+    Synthetic items carry these keys; put this last in the real dataset's transform so real and
+    synthetic dicts have the same keys and collate into one batch (``ConcatDataset`` +
+    :class:`MixedBatchSampler`).
+    """
+    if not isinstance(item, Mapping):
+        raise TypeError(f"mark_real expects a dict sample, got {type(item).__name__}.")
+    return {**item, IS_SYNTHETIC: False, SEED: -1}
 
 
 # ============================================================================================ sampler
