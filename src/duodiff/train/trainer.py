@@ -59,6 +59,8 @@ class Trainer:
         self.device = _init_distributed(config.device)
         self.di = dist_info()
         self._data: PreparedData | None = None
+        #: stage -> the module this process trained (its own replica under DDP)
+        self.trained: dict[str, torch.nn.Module] = {}
         self.label_values: list[int] = []
 
     # ---------------------------------------------------------------- data and pipeline
@@ -166,6 +168,7 @@ class Trainer:
                                     latent_shape=latent, kl_weight=scfg.kl_weight, dice_weight=scfg.dice_weight)
             wrapper, finished = run_stage(stage, AutoencoderStep(ae), loss, scfg, use_ema=False, **common)
             ae = wrapper.autoencoder
+            self.trained[stage] = ae
             x = self._ae_inputs(kind, data.images, data.labels, pc.num_classes)
             z = encode_latents(ae, x, device=self.device)
             scale = float(1.0 / z.std().clamp_min(1e-6))
@@ -179,6 +182,7 @@ class Trainer:
             unet = getattr(pipe, stage)
             unet, finished = run_stage(stage, unet, diffusion_loss(latents, pc.scheduler), scfg, use_ema=True,
                                        **common)
+            self.trained[stage] = unet
             pipe = DuoDiffusion(pc, pipe.components() | {stage: unet.cpu()})
         else:  # image_controlnet
             from monai.networks.utils import copy_model_state
@@ -191,6 +195,7 @@ class Trainer:
             model = ControlledUNet(pipe.image_unet, controlnet)
             trained, finished = run_stage(stage, model, diffusion_loss(latents, pc.scheduler, one_hot=one_hot), scfg,
                                           use_ema=True, **common)
+            self.trained[stage] = trained.controlnet
             pipe = DuoDiffusion(pc, pipe.components() | {stage: trained.controlnet.cpu()})
             pipe.image_unet.requires_grad_(True)
         info.update(finished=finished, steps=scfg.steps if finished else stop_after,

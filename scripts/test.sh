@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The test command: builds a fresh virtual environment, installs duodiff with its test extras
+# (torch==2.13.0 FIRST, so pip never resolves a CUDA build), then runs ruff and the default test suite.
+#   bash scripts/test.sh            # default suite (a few minutes on 2 cores)
+#   bash scripts/test.sh -m slow    # the slower checks
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${DUODIFF_VENV:-.venv-test}"
+PY="${PYTHON:-python3}"
+"$PY" -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
+ruff check src tests benchmarks examples
+if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
+python -m pytest -q "$@"

@@ -1,0 +1,221 @@
+"""Training: `duodiff train` end to end on phantoms, loss decrease, exact resume, bad cases, DDP (gloo)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from duodiff import DuoDiffusion
+from duodiff.io import spacing_affine, write_nifti
+from duodiff.testing import phantom_pair
+from duodiff.train import STAGES, TrainConfig, load_train_config, train
+from duodiff.train.data import BadCaseError, find_cases, prepare_dataset
+
+SHAPE = (16, 16, 16)
+
+
+def write_dataset(root: Path, n: int = 4, *, nnunet: bool = False, shape=(18, 20, 17)) -> Path:
+    """An MSD (or nnU-Net) folder of phantom pairs, slightly larger than SHAPE so cropping is exercised."""
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    aff = spacing_affine((1.0, 1.0, 1.0))
+    for i in range(n):
+        img, lab = phantom_pair(shape, num_classes=3, seed=i)
+        name = f"case_{i:03d}"
+        img_name = f"{name}_0000.nii.gz" if nnunet else f"{name}.nii.gz"
+        write_nifti(root / "imagesTr" / img_name, img * (i + 1), aff)  # different intensity scale per case
+        write_nifti(root / "labelsTr" / f"{name}.nii.gz", lab, aff)
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "outer", "2": "inner"}}))
+    return root
+
+
+def make_config(tmp: Path, data: Path, *, steps: int = 4, **stage_overrides) -> TrainConfig:
+    stage = dict(steps=steps, batch_size=2, lr=1e-3, warmup_steps=0, log_every=1, checkpoint_every=2)
+    stage.update(stage_overrides)
+    return TrainConfig.from_dict({
+        "data": {"root": str(data)},
+        "model": {"preset": "tiny", "volume_shape": list(SHAPE)},
+        "stages": {s: dict(stage) for s in STAGES},
+        "output_dir": str(tmp / "run"),
+        "seed": 0,
+        "progress": False,
+    })
+
+
+def read_losses(run: Path, stage: str) -> list[float]:
+    with open(run / "logs" / f"{stage}.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data") / "Dataset")
+
+
+def test_find_cases_msd_and_nnunet(tmp_path):
+    msd = find_cases(write_dataset(tmp_path / "msd", n=2))
+    nn = find_cases(write_dataset(tmp_path / "nn", n=2, nnunet=True))
+    assert [c.name for c in msd] == [c.name for c in nn] == ["case_000", "case_001"]
+    assert nn[0].images[0].endswith("case_000_0000.nii.gz")
+
+
+def test_prepare_normalises_and_crops_around_foreground(dataset, tmp_path):
+    cfg = make_config(tmp_path, dataset)
+    data, values = prepare_dataset(cfg.data, SHAPE, cache_dir=tmp_path / "cache", progress=False)
+    assert values == [0, 1, 2]
+    assert data.images.shape == (4, 1, *SHAPE) and data.images.dtype == torch.float32
+    assert data.labels.shape == (4, 1, *SHAPE) and data.labels.dtype == torch.uint8
+    assert float(data.images.min()) >= 0.0 and float(data.images.max()) <= 1.0
+    # per-volume normalisation removes the per-case scale (case i was multiplied by i + 1)
+    assert abs(float(data.images[0].mean()) - float(data.images[3].mean())) < 0.1
+    assert set(torch.unique(data.labels).tolist()) == {0, 1, 2}
+    # cached: a second call reads the npz and gives the same arrays
+    again, _ = prepare_dataset(cfg.data, SHAPE, cache_dir=tmp_path / "cache", progress=False)
+    assert torch.equal(again.images, data.images) and again.names == data.names
+
+
+def test_bad_cases_fail_or_skip_with_report(tmp_path):
+    root = write_dataset(tmp_path / "d", n=3)
+    aff = spacing_affine((1, 1, 1))
+    img, _ = phantom_pair((18, 20, 17), seed=9)
+    img[0, 0, 0] = np.nan
+    write_nifti(root / "imagesTr" / "case_001.nii.gz", img, aff)  # NaN
+    write_nifti(root / "labelsTr" / "case_002.nii.gz", np.zeros((18, 20, 17), np.uint8), aff)  # empty label
+    cfg = make_config(tmp_path, root)
+    with pytest.raises(BadCaseError, match="case_001.*NaN"):
+        prepare_dataset(cfg.data, SHAPE, cache_dir=tmp_path / "c1", progress=False)
+    skip = cfg.data.replace(on_bad_case="skip")
+    data, _ = prepare_dataset(skip, SHAPE, cache_dir=tmp_path / "c2", progress=False)
+    assert data.names == ["case_000"]
+    assert set(data.report["skipped"]) == {"case_001", "case_002"}
+    assert "empty" in data.report["skipped"]["case_002"]
+
+
+def test_shape_mismatch_is_reported(tmp_path):
+    root = write_dataset(tmp_path / "d", n=2)
+    _, lab = phantom_pair((18, 20, 16), seed=1)
+    write_nifti(root / "labelsTr" / "case_001.nii.gz", lab, spacing_affine((1, 1, 1)))
+    cfg = make_config(tmp_path, root)
+    with pytest.raises(BadCaseError, match=r"case_001.*image shape \(18, 20, 17\) != label shape \(18, 20, 16\)"):
+        prepare_dataset(cfg.data, SHAPE, cache_dir=tmp_path / "c", progress=False)
+
+
+def test_train_all_stages_writes_loadable_pipeline(dataset, tmp_path):
+    cfg = make_config(tmp_path, dataset, steps=3)
+    model_dir = train(cfg)
+    state = json.loads((tmp_path / "run" / "logs" / "stages.json").read_text())
+    assert all(state[s]["finished"] for s in STAGES)
+    for s in STAGES:
+        assert all(np.isfinite(read_losses(tmp_path / "run", s)))
+    pipe = DuoDiffusion.from_pretrained(model_dir)
+    assert pipe.config.label_names == ("background", "outer", "inner")
+    assert pipe.config.label_scale_factor != 1.0 and pipe.config.image_scale_factor != 1.0
+    out = pipe.sample(2, seed=0, num_inference_steps=2, progress=False)
+    assert out.images.shape == (2, 1, *SHAPE)
+
+
+def test_losses_decrease_over_a_short_run(dataset, tmp_path):
+    cfg = make_config(tmp_path, dataset, steps=30, lr=3e-3, checkpoint_every=0)
+    train(cfg, stages=["label_autoencoder"])
+    losses = read_losses(tmp_path / "run", "label_autoencoder")
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_kill_and_resume_gives_identical_losses(dataset, tmp_path):
+    full = make_config(tmp_path / "a", dataset, steps=6)
+    train(full, stages=["label_autoencoder", "label_unet"])
+    # interrupted after the checkpoint at step 4, then resumed (twice: once mid-way through label_unet)
+    part2 = make_config(tmp_path / "c", dataset, steps=6)
+    train(part2, stages=["label_autoencoder"], stop_after=4)
+    train(part2, stages=["label_autoencoder", "label_unet"], resume=True, stop_after=3)
+    train(part2, stages=["label_autoencoder", "label_unet"], resume=True)
+    for stage in ("label_autoencoder", "label_unet"):
+        assert read_losses(tmp_path / "a" / "run", stage) == read_losses(tmp_path / "c" / "run", stage)
+    a = DuoDiffusion.from_pretrained(tmp_path / "a" / "run" / "model")
+    c = DuoDiffusion.from_pretrained(tmp_path / "c" / "run" / "model")
+    for name in ("label_autoencoder", "label_unet"):
+        for (k, v), (_, w) in zip(getattr(a, name).state_dict().items(), getattr(c, name).state_dict().items()):
+            assert torch.equal(v, w), k
+
+
+def test_stage_dependency_is_checked(dataset, tmp_path):
+    cfg = make_config(tmp_path, dataset)
+    with pytest.raises(ValueError, match="needs a trained 'label_autoencoder'"):
+        train(cfg, stages=["label_unet"])
+    with pytest.raises(ValueError, match="Unknown stage"):
+        train(cfg, stages=["vae"])
+
+
+def test_toml_config_unknown_key_and_relative_paths(tmp_path, dataset):
+    good = tmp_path / "train.toml"
+    good.write_text(textwrap.dedent(f"""
+        output_dir = "out"
+        [data]
+        root = "{dataset}"
+        [model]
+        preset = "tiny"
+        [stages.label_unet]
+        steps = 7
+    """))
+    cfg = load_train_config(good)
+    assert cfg.output_dir == str(tmp_path / "out") and cfg.stages["label_unet"].steps == 7
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.read_text().replace("steps = 7", "stepz = 7"))
+    with pytest.raises(ValueError, match="Unknown key.*stepz"):
+        load_train_config(bad)
+
+
+def test_cli_train_subprocess(dataset, tmp_path):
+    cfg = tmp_path / "t.toml"
+    stages = "\n".join(f"[stages.{s}]\nsteps = 2\nbatch_size = 2\nlog_every = 1\n" for s in STAGES)
+    cfg.write_text(f'output_dir = "run"\nprogress = false\n[data]\nroot = "{dataset}"\n[model]\npreset = "tiny"\n'
+                   f"volume_shape = [16, 16, 16]\n{stages}")
+    r = subprocess.run([sys.executable, "-m", "duodiff.cli.main", "train", str(cfg), "--stage", "label_autoencoder"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "model" / "model_index.json").is_file()
+    r = subprocess.run([sys.executable, "-m", "duodiff.cli.main", "train", str(tmp_path / "missing.toml")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "No training config" in r.stderr and "Traceback" not in r.stderr
+
+
+DDP_SCRIPT = """
+import hashlib, json, sys, torch, torch.distributed as dist
+from duodiff.train import TrainConfig, Trainer
+cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
+trainer = Trainer(cfg)
+trainer.run(["label_autoencoder"])
+# every rank hashes its own replica of the trained weights: DDP must have kept them identical
+state = trainer.trained["label_autoencoder"].state_dict()
+h = hashlib.sha256(b"".join(v.detach().float().numpy().tobytes() for v in state.values())).hexdigest()
+hs = [None] * dist.get_world_size()
+dist.all_gather_object(hs, h)
+if dist.get_rank() == 0:
+    print("HASHES", json.dumps(hs))
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_gloo_two_processes_keep_replicas_in_sync(dataset, tmp_path):
+    cfg = make_config(tmp_path, dataset, steps=3).to_dict()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+         "--no-python", sys.executable, "-c", DDP_SCRIPT, json.dumps(cfg)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("HASHES"))
+    hashes = json.loads(line.split(" ", 1)[1])
+    assert len(hashes) == 2 and hashes[0] == hashes[1]
+    assert DuoDiffusion.from_pretrained(tmp_path / "run" / "model").config.label_scale_factor != 1.0
