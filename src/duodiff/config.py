@@ -374,6 +374,8 @@ class PipelineConfig(_Config):
     label_scale_factor: float = 1.0
     image_scale_factor: float = 1.0
     attributes: tuple[str, ...] = ()
+    attribute_mean: tuple[float, ...] = ()
+    attribute_std: tuple[float, ...] = ()
 
     def validate(self) -> None:  # noqa: C901 - a flat list of checks reads best
         n = self.num_classes
@@ -466,6 +468,23 @@ class PipelineConfig(_Config):
             )
         if len(set(self.attributes)) != len(self.attributes):
             raise ConfigError(f"attributes must be unique, got {list(self.attributes)}.")
+        if self.attributes:
+            from .attributes import attribute_names
+
+            try:
+                cols = attribute_names(self.attributes, self.label_names)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+            dim = self.label_unet.cross_attention_dim or 0
+            if 2 * len(cols) > dim:
+                raise ConfigError(
+                    f"attributes {list(self.attributes)} give {len(cols)} columns and need "
+                    f"label_unet.cross_attention_dim >= {2 * len(cols)}, got {self.label_unet.cross_attention_dim}."
+                )
+            for key in ("attribute_mean", "attribute_std"):
+                got = getattr(self, key)
+                if got and len(got) != len(cols):
+                    raise ConfigError(f"{key} must have {len(cols)} entries ({cols}), got {len(got)}.")
         if self.attributes and not self.label_unet.with_conditioning:
             raise ConfigError(
                 f"attributes {list(self.attributes)} need label_unet.with_conditioning=True and "

@@ -32,7 +32,8 @@ class DataConfig(_Config):
         target_spacing: resample to this spacing (mm) first; empty = keep the native spacing.
         intensity_percentiles: per-volume clip percentiles before scaling to [0, 1].
         label_values: original label values mapped to ids ``0..K-1`` (empty = the dataset.json ``labels`` keys).
-        on_bad_case: ``"fail"`` (default) or ``"skip"`` (skip and report) for NaN volumes, shape mismatches, empty labels.
+        on_bad_case: ``"fail"`` (default) or ``"skip"`` (skip and report) for NaN volumes, shape mismatches,
+            empty labels.
         cache_dir: where preprocessed arrays are cached (empty = ``<output_dir>/cache``).
     """
 
@@ -56,7 +57,9 @@ class DataConfig(_Config):
         if not 0 <= lo < hi <= 100:
             raise ConfigError(f"[data].intensity_percentiles must satisfy 0 <= lo < hi <= 100, got {(lo, hi)}.")
         if self.target_spacing and (len(self.target_spacing) != 3 or min(self.target_spacing) <= 0):
-            raise ConfigError(f"[data].target_spacing must be 3 positive mm values or empty, got {self.target_spacing}.")
+            raise ConfigError(
+                f"[data].target_spacing must be 3 positive mm values or empty, got {self.target_spacing}."
+            )
 
 
 @dataclass(frozen=True)

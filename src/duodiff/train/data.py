@@ -105,7 +105,9 @@ def _check_exist(cases: list[Case], source: Path) -> list[Case]:
     for c in cases:
         for p in (*c.images, c.label):
             if not Path(p).is_file():
-                raise FileNotFoundError(f"{str(source)!r} lists {p!r} for case {c.name!r}, but the file does not exist.")
+                raise FileNotFoundError(
+                    f"{str(source)!r} lists {p!r} for case {c.name!r}, but the file does not exist."
+                )
     return cases
 
 
@@ -207,7 +209,9 @@ def preprocess_case(case: Case, cfg: DataConfig, volume_shape: Sequence[int], la
     present = set(np.unique(label).tolist())
     unknown = sorted(present - set(label_values))
     if unknown:
-        raise BadCaseError(f"case {case.name!r}: label values {unknown} are not in the dataset's labels {list(label_values)}.")
+        raise BadCaseError(
+            f"case {case.name!r}: label values {unknown} are not in the dataset's labels {list(label_values)}."
+        )
     lut = np.zeros(max(label_values) + 1, dtype=np.uint8)
     for new, old in enumerate(label_values):
         lut[old] = new

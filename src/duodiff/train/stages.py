@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
+from ..attributes import make_context
 from ..schedulers import make_scheduler
 from .loop import StepContext
 
@@ -100,8 +101,24 @@ def autoencoder_loss(
     return loss_fn
 
 
-def diffusion_loss(latents: torch.Tensor, scheduler_cfg, *, one_hot: torch.Tensor | None = None):
-    """Denoising loss on cached scaled latents ``(N, C, h, w, d)``; ``one_hot`` ``(N, K, H, W, D)`` for the ControlNet."""
+def diffusion_loss(
+    latents: torch.Tensor,
+    scheduler_cfg,
+    *,
+    one_hot: torch.Tensor | None = None,
+    attributes: torch.Tensor | None = None,
+    context_dim: int | None = None,
+    condition_dropout: float = 0.0,
+):
+    """Denoising loss on cached scaled latents ``(N, C, h, w, d)``.
+
+    Args:
+        one_hot: ``(N, K, H, W, D)`` ControlNet condition (image_controlnet stage).
+        attributes: standardised attribute values ``(N, A)`` for a conditioned label UNet; each column is dropped
+            with probability ``condition_dropout`` and all of them together with the same probability, so the
+            network also learns the unconditional model used by classifier-free guidance.
+        context_dim: the UNet's ``cross_attention_dim``.
+    """
     scheduler = make_scheduler("ddpm", scheduler_cfg)
     T = scheduler_cfg.num_train_timesteps
     prediction = scheduler_cfg.prediction_type
@@ -111,7 +128,13 @@ def diffusion_loss(latents: torch.Tensor, scheduler_cfg, *, one_hot: torch.Tenso
         noise = torch.randn(z0.shape, generator=ctx.generator).to(ctx.device)
         t = torch.randint(0, T, (z0.shape[0],), generator=ctx.generator).to(ctx.device)
         zt = scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
-        if one_hot is None:
+        if attributes is not None:
+            z = attributes[ctx.indices]
+            keep = (torch.rand(z.shape, generator=ctx.generator) >= condition_dropout).float()
+            keep = keep * (torch.rand((z.shape[0], 1), generator=ctx.generator) >= condition_dropout).float()
+            context = make_context(z, keep, context_dim).to(ctx.device)
+            pred = model(x=zt, timesteps=t, context=context)
+        elif one_hot is None:
             pred = model(x=zt, timesteps=t)
         else:
             pred = model(zt, t, one_hot[ctx.indices].to(ctx.device))
@@ -123,7 +146,9 @@ def diffusion_loss(latents: torch.Tensor, scheduler_cfg, *, one_hot: torch.Tenso
 
 
 @torch.inference_mode()
-def encode_latents(autoencoder: nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 8) -> torch.Tensor:
+def encode_latents(
+    autoencoder: nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 8
+) -> torch.Tensor:
     """Posterior means ``(N, C, h, w, d)`` of ``x`` (float32, unscaled), computed in chunks."""
     autoencoder.eval().to(device)
     out = []

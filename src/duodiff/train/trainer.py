@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import keys
+from ..attributes import compute_attributes, standardise
 from ..pipeline import DuoDiffusion
 from ..presets import make_config
 from .config import STAGES, TrainConfig, load_train_config
@@ -180,8 +181,17 @@ class Trainer:
             kind = stage.split("_")[0]
             latents = self._latents(pipe, kind)
             unet = getattr(pipe, stage)
-            unet, finished = run_stage(stage, unet, diffusion_loss(latents, pc.scheduler), scfg, use_ema=True,
-                                       **common)
+            attr_kwargs: dict = {}
+            if stage == "label_unet" and pc.attributes:
+                raw = compute_attributes(data.labels, pc.num_classes, pc.attributes)
+                mean, std = raw.mean(0), raw.std(0).clamp_min(1e-3)
+                pc = pc.replace(attribute_mean=tuple(mean.tolist()), attribute_std=tuple(std.tolist()))
+                attr_kwargs = dict(attributes=standardise(raw, pc.attribute_mean, pc.attribute_std),
+                                   context_dim=pc.label_unet.cross_attention_dim,
+                                   condition_dropout=scfg.condition_dropout)
+                info["attribute_mean"], info["attribute_std"] = list(pc.attribute_mean), list(pc.attribute_std)
+            unet, finished = run_stage(stage, unet, diffusion_loss(latents, pc.scheduler, **attr_kwargs), scfg,
+                                       use_ema=True, **common)
             self.trained[stage] = unet
             pipe = DuoDiffusion(pc, pipe.components() | {stage: unet.cpu()})
         else:  # image_controlnet

@@ -1,0 +1,159 @@
+"""Per-class label attributes used to condition the label LDM (classifier-free guidance).
+
+Attributes are computed automatically from label maps:
+
+* ``"volume"``: voxel count of every foreground class (the model sees ``log1p(voxels)``, standardised with the
+  training mean/std stored in the pipeline config). Users request volumes in **millilitres**; they are converted
+  to voxels with the model's spacing.
+* ``"centroid"``: centre of mass of every foreground class, normalised to ``[0, 1]`` per axis.
+
+The UNet sees one cross-attention token ``(N, 1, cross_attention_dim)`` = ``[values * mask, mask, 0...]``: an
+attribute with ``mask = 0`` is "unspecified". Training drops attributes at random (``condition_dropout``) so the
+same network is also unconditional, which is what classifier-free guidance needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "SUPPORTED_ATTRIBUTES",
+    "attribute_names",
+    "compute_attributes",
+    "standardise",
+    "make_context",
+    "requested_attributes",
+    "class_volumes_ml",
+]
+
+SUPPORTED_ATTRIBUTES = ("volume", "centroid")
+
+
+def attribute_names(attributes: Sequence[str], label_names: Sequence[str]) -> list[str]:
+    """Flat names of every attribute column, e.g. ``["volume:Anterior", "volume:Posterior"]``."""
+    out = []
+    for a in attributes:
+        if a not in SUPPORTED_ATTRIBUTES:
+            raise ValueError(f"Unknown attribute {a!r}; supported: {list(SUPPORTED_ATTRIBUTES)}.")
+        for name in label_names[1:]:
+            if a == "volume":
+                out.append(f"volume:{name}")
+            else:
+                out += [f"centroid_{ax}:{name}" for ax in "xyz"]
+    return out
+
+
+def compute_attributes(labels: torch.Tensor, num_classes: int, attributes: Sequence[str]) -> torch.Tensor:
+    """Raw attribute values of label maps.
+
+    Args:
+        labels: integer ``(N, 1, H, W, D)``.
+        num_classes: classes including background.
+        attributes: subset of :data:`SUPPORTED_ATTRIBUTES`, in order.
+
+    Returns:
+        float32 ``(N, A)``: ``log1p(voxels)`` per class for ``"volume"``; normalised centroid (3 per class,
+        0.5 where a class is absent) for ``"centroid"``.
+    """
+    lab = labels[:, 0].long()
+    n = lab.shape[0]
+    cols = []
+    spatial = lab.shape[1:]
+    grids = torch.meshgrid(*[torch.linspace(0, 1, s) for s in spatial], indexing="ij")
+    for a in attributes:
+        for k in range(1, num_classes):
+            mask = (lab == k).float()
+            count = mask.flatten(1).sum(1)
+            if a == "volume":
+                cols.append(torch.log1p(count))
+            elif a == "centroid":
+                for g in grids:
+                    c = (mask * g).flatten(1).sum(1) / count.clamp_min(1)
+                    cols.append(torch.where(count > 0, c, torch.full((n,), 0.5)))
+            else:
+                raise ValueError(f"Unknown attribute {a!r}; supported: {list(SUPPORTED_ATTRIBUTES)}.")
+    return torch.stack(cols, dim=1).float() if cols else torch.zeros((n, 0))
+
+
+def standardise(values: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(values - mean) / std`` column-wise."""
+    m = torch.as_tensor(list(mean), dtype=torch.float32)
+    s = torch.as_tensor(list(std), dtype=torch.float32).clamp_min(1e-6)
+    return (values - m) / s
+
+
+def make_context(z: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Cross-attention context ``(N, 1, dim)`` from standardised values ``z`` ``(N, A)`` and a 0/1 ``mask``."""
+    a = z.shape[1]
+    if 2 * a > dim:
+        raise ValueError(f"{a} attribute columns need cross_attention_dim >= {2 * a}, got {dim}.")
+    ctx = torch.zeros((z.shape[0], 1, dim), dtype=torch.float32)
+    ctx[:, 0, :a] = z * mask
+    ctx[:, 0, a : 2 * a] = mask
+    return ctx
+
+
+def class_volumes_ml(
+    labels: torch.Tensor, label_names: Sequence[str], spacing: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """Foreground class volumes in mL of integer labels ``(N, 1, H, W, D)``: ``{name: (N,) float64}``."""
+    voxel_ml = math.prod(spacing) / 1000.0
+    lab = labels[:, 0]
+    return {name: (lab == k).flatten(1).sum(1).double() * voxel_ml for k, name in enumerate(label_names) if k > 0}
+
+
+def requested_attributes(
+    class_volumes: Mapping[str | int, float] | Sequence[Mapping[str | int, float]] | None,
+    n: int,
+    *,
+    attributes: Sequence[str],
+    label_names: Sequence[str],
+    spacing: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw attribute values ``(n, A)`` and mask ``(n, A)`` for a user's ``class_volumes`` request.
+
+    Args:
+        class_volumes: ``{class name or id: volume in mL}`` for every sample, or one such mapping per sample;
+            classes left out are unconditioned. ``None`` = nothing requested.
+    """
+    cols = attribute_names(attributes, label_names)
+    values = torch.zeros((n, len(cols)))
+    mask = torch.zeros((n, len(cols)))
+    if class_volumes is None:
+        return values, mask
+    if isinstance(class_volumes, Mapping):
+        per_sample = [class_volumes] * n
+    else:
+        per_sample = list(class_volumes)
+        if len(per_sample) != n:
+            raise ValueError(f"class_volumes has {len(per_sample)} entries for {n} samples; pass one mapping per "
+                             "sample or a single mapping for all.")
+    if "volume" not in attributes:
+        raise ValueError(
+            "This model was not trained with volume conditioning (attributes="
+            f"{list(attributes)}); class_volumes cannot be used. Train with [model] attributes = [\"volume\"]."
+        )
+    voxel_ml = math.prod(spacing) / 1000.0
+    fg = list(label_names[1:])
+    for i, req in enumerate(per_sample):
+        if not isinstance(req, Mapping):
+            raise TypeError(f"class_volumes entries must be mappings {{class: mL}}, got {type(req).__name__}.")
+        for key, ml in req.items():
+            if isinstance(key, int) and not isinstance(key, bool):
+                if not 1 <= key < len(label_names):
+                    raise ValueError(f"class id {key} in class_volumes is not a foreground class (1..{len(fg)}).")
+                name = label_names[key]
+            elif key in fg:
+                name = key
+            else:
+                raise ValueError(f"Unknown class {key!r} in class_volumes; foreground classes are {fg} "
+                                 f"(or ids 1..{len(fg)}).")
+            if not isinstance(ml, (int, float)) or isinstance(ml, bool) or not math.isfinite(ml) or ml <= 0:
+                raise ValueError(f"class_volumes[{key!r}] must be a positive volume in mL, got {ml!r}.")
+            j = cols.index(f"volume:{name}")
+            values[i, j] = math.log1p(ml / voxel_ml)
+            mask[i, j] = 1.0
+    return values, mask
