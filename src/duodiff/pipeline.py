@@ -7,6 +7,7 @@ latent with a ControlNet that sees the one-hot label map at image resolution (th
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,7 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import keys
+from .attributes import attribute_names, make_context, requested_attributes, standardise
 from .config import PipelineConfig
+from .control import qc_accepts, retry_seed, summarise, volumes_within_tolerance
+from .decoding import TileSize, check_tile_size, decode
 from .io import spacing_affine
 from .models import build_component
 from .output import DuoSample
@@ -27,6 +31,8 @@ from .sampling import denoise, initial_noise, is_stochastic, stage_generators
 from .schedulers import check_num_inference_steps, make_scheduler
 
 __all__ = ["DuoDiffusion", "resolve_dtype"]
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -187,16 +193,42 @@ class DuoDiffusion:
         return oh.movedim(-1, 1).float()
 
     @torch.inference_mode()
-    def decode_labels(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled label latents ``(N, C, h, w, d)`` -> int64 label ids ``(N, 1, H, W, D)``."""
-        logits = self.label_autoencoder.decode(latents / self.config.label_scale_factor)
-        return logits.float().argmax(dim=1, keepdim=True)
+    def decode_labels(self, latents: torch.Tensor, *, decode_tile_size: TileSize = "auto") -> torch.Tensor:
+        """Scaled label latents ``(N, C, h, w, d)`` -> int64 label ids ``(N, 1, H, W, D)``.
+
+        ``decode_tile_size``: see :func:`duodiff.decoding.decode` (``"auto"`` decodes whole volumes
+        unless free CUDA memory is short).
+        """
+        logits = decode(self.label_autoencoder, latents / self.config.label_scale_factor, tile_size=decode_tile_size)
+        return logits.argmax(dim=1, keepdim=True)
 
     @torch.inference_mode()
-    def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled image latents ``(N, C, h, w, d)`` -> float32 images ``(N, C_img, H, W, D)`` clamped to [0, 1]."""
-        img = self.image_autoencoder.decode(latents / self.config.image_scale_factor)
-        return img.float().clamp_(0.0, 1.0)
+    def decode_images(self, latents: torch.Tensor, *, decode_tile_size: TileSize = "auto") -> torch.Tensor:
+        """Scaled image latents ``(N, C, h, w, d)`` -> float32 images ``(N, C_img, H, W, D)`` clamped to [0, 1].
+
+        ``decode_tile_size``: as in :meth:`decode_labels`.
+        """
+        img = decode(self.image_autoencoder, latents / self.config.image_scale_factor, tile_size=decode_tile_size)
+        return img.clamp_(0.0, 1.0)
+
+    def _batched(self, n: int, batch_size: int, fn: Any) -> list:
+        """``[fn(start, stop) for each batch]``; on CUDA OOM the batch is retried at half size (logged)."""
+        results, start = [], 0
+        while start < n:
+            stop = min(start + batch_size, n)
+            try:
+                results.append(fn(start, stop))
+            except torch.cuda.OutOfMemoryError:
+                if stop - start == 1:
+                    raise
+                batch_size = (stop - start) // 2
+                logger.warning("CUDA out of memory with a batch of %d; retrying with batches of %d",
+                               stop - start, batch_size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            start = stop
+        return results
 
     @staticmethod
     def _resolve_seeds(n: int, seed: int | Sequence[int] | None, generator: torch.Generator | None) -> list[int]:
@@ -287,22 +319,39 @@ class DuoDiffusion:
         sched.set_timesteps(num_inference_steps, device=self.device)
         return sched, amp
 
-    def _generate_labels(self, seeds, sched, stochastic, amp, progress) -> torch.Tensor:
+    def _attribute_context(self, class_volumes, n: int):
+        """``(values, mask, context, null_context)`` of a ``class_volumes`` request (contexts None if unconditioned)."""
+        c = self.config
+        values, mask = requested_attributes(class_volumes, n, attributes=c.attributes, label_names=c.label_names,
+                                            spacing=c.spacing)
+        if not c.attributes:
+            return values, mask, None, None
+        dim = c.label_unet.cross_attention_dim
+        context = make_context(standardise(values, c.attribute_mean, c.attribute_std), mask, dim)
+        null_context = make_context(torch.zeros_like(values), torch.zeros_like(mask), dim)
+        return values, mask, context, null_context
+
+    def _generate_labels(self, seeds, sched, stochastic, amp, progress, tile="auto", context=None,
+                         null_context=None, guidance_scale=1.0) -> torch.Tensor:
         gens = stage_generators(seeds, "label")
         noise = initial_noise(gens, self.config.label_latent_shape, self.device)
+        if context is not None:
+            context = context.to(self.device)
+            null_context = null_context.to(self.device)
         with self._autocast(amp):
             z = denoise(self.label_unet, sched, noise, generators=gens, stochastic=stochastic, progress=progress,
-                        desc="labels")
-            return self.decode_labels(z)
+                        desc="labels", context=context, null_context=null_context, guidance_scale=guidance_scale)
+            return self.decode_labels(z, decode_tile_size=tile)
 
-    def _generate_images(self, labels, seeds, sched, stochastic, conditioning_scale, amp, progress) -> torch.Tensor:
+    def _generate_images(self, labels, seeds, sched, stochastic, conditioning_scale, amp, progress,
+                         tile="auto") -> torch.Tensor:
         gens = stage_generators(seeds, "image")
         noise = initial_noise(gens, self.config.image_latent_shape, self.device)
         with self._autocast(amp):
             z = denoise(self.image_unet, sched, noise, generators=gens, stochastic=stochastic,
                         controlnet=self.image_controlnet, condition=self.one_hot(labels),
                         conditioning_scale=conditioning_scale, progress=progress, desc="images")
-            return self.decode_images(z)
+            return self.decode_images(z, decode_tile_size=tile)
 
     def _result(self, images: list[torch.Tensor], labels: list[torch.Tensor], seeds: list[int]) -> DuoSample:
         c = self.config
@@ -323,6 +372,13 @@ class DuoDiffusion:
         scheduler: str = "ddim",
         conditioning_scale: float = 1.0,
         dtype: str | torch.dtype | None = None,
+        decode_tile_size: TileSize = "auto",
+        class_volumes: Mapping[str | int, float] | Sequence[Mapping[str | int, float]] | None = None,
+        guidance_scale: float = 1.0,
+        volume_tolerance: float | None = None,
+        qc: nn.Module | None = None,
+        qc_threshold: float = 0.5,
+        max_retries: int = 3,
         progress: bool = True,
     ) -> DuoSample:
         """Generate ``num_samples`` paired (image, label) volumes.
@@ -338,24 +394,142 @@ class DuoDiffusion:
             conditioning_scale: ControlNet residual multiplier in stage 2.
             dtype: autocast dtype: ``None``/``"float32"`` (exact), ``"bfloat16"`` (fast on CPU),
                 ``"float16"`` (CUDA).
+            decode_tile_size: VAE decoding in latent tiles: ``"auto"`` (whole volumes, or sub-batches /
+                tiles when free CUDA memory is short), ``None`` (whole batch), an int or ``(h, w, d)``.
+                See :mod:`duodiff.decoding`. A CUDA out-of-memory error retries the batch at half size.
+            class_volumes: requested foreground volumes in **mL**, ``{class name or id: mL}`` for all samples
+                or one mapping per sample; classes left out are unconditioned. Needs a model trained with
+                ``attributes=["volume"]`` (see :mod:`duodiff.attributes`).
+            guidance_scale: classifier-free guidance weight of the label stage (``1`` = plain conditional).
+            volume_tolerance: with ``class_volumes``, regenerate samples (new seeds) whose measured volumes are
+                not within this relative tolerance (e.g. ``0.15``) of the request — rejection sampling.
+            qc: pair-consistency check: a segmenter mapping images ``(N, C, H, W, D)`` to class logits
+                ``(N, K, H, W, D)``; pairs whose mean foreground Dice(qc(image), label) < ``qc_threshold``
+                are regenerated with new seeds.
+            qc_threshold: Dice threshold of ``qc``.
+            max_retries: regeneration rounds for rejected samples; samples still failing are kept and listed
+                in ``report["failed_seeds"]``.
             progress: show tqdm bars.
 
         Returns:
             :class:`DuoSample` with float32 images ``(N, C, H, W, D)`` in [0, 1] and int64 labels
-            ``(N, 1, H, W, D)``.
+            ``(N, 1, H, W, D)``. ``seeds[i]`` is the seed that produced sample ``i`` (a retry seed if it was
+            regenerated); ``report`` holds acceptance statistics when constraints or QC were used.
         """
         seeds = self._resolve_seeds(num_samples, seed, generator)
         bs = self._batch_size(num_samples, batch_size)
         sched, amp = self._prepare(scheduler, num_inference_steps, conditioning_scale, dtype)
         stochastic = is_stochastic(scheduler)
-        images, labels = [], []
+        check_tile_size(decode_tile_size)
+        c = self.config
+        values, mask, context, null_context = self._attribute_context(class_volumes, num_samples)
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}.")
+        if volume_tolerance is not None and (class_volumes is None or not volume_tolerance > 0):
+            raise ValueError(f"volume_tolerance needs class_volumes and a value > 0, got {volume_tolerance!r}.")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}.")
+        if qc is not None and not callable(qc):
+            raise TypeError(f"qc must be a torch module (a segmenter), got {type(qc).__name__}.")
+        volume_cols = [i for i, n in enumerate(attribute_names(c.attributes, c.label_names)) if n.startswith("volume:")]
+        stats = {"attempts": 0, "volume": 0, "qc": 0, "failed": [], "dice": [None] * num_samples}
+        constrained = volume_tolerance is not None or qc is not None
+
+        def labels_for(chunk_seeds, idx):
+            ctx = None if context is None else context[idx]
+            nctx = None if null_context is None else null_context[idx]
+            stats["attempts"] += len(idx)
+            return self._generate_labels(chunk_seeds, sched, stochastic, amp, progress, decode_tile_size, ctx, nctx,
+                                         guidance_scale)
+
+        def checked_labels(idx: list[int]) -> torch.Tensor:
+            # 1. labels, regenerating those whose measured volumes miss the request (rejection sampling)
+            lab = labels_for([seeds[i] for i in idx], idx)
+            for attempt in range(1, max_retries + 2):
+                if volume_tolerance is None:
+                    break
+                ok = volumes_within_tolerance(lab, values[idx][:, volume_cols], mask[idx][:, volume_cols],
+                                              volume_tolerance, c.num_classes)
+                bad = [j for j in range(len(idx)) if not ok[j]]
+                stats["volume"] += len(bad)
+                if not bad or attempt > max_retries:
+                    stats["failed"] += [seeds[idx[j]] for j in bad]
+                    break
+                for j in bad:
+                    seeds[idx[j]] = retry_seed(seeds[idx[j]], attempt)
+                lab = lab.clone()
+                lab[bad] = labels_for([seeds[idx[j]] for j in bad], [idx[j] for j in bad])
+            return lab
+
+        def pairs(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+            idx = list(range(start, stop))
+            lab = checked_labels(idx)
+            # 2. images for the labels
+            img = self._generate_images(lab, [seeds[i] for i in idx], sched, stochastic, conditioning_scale, amp,
+                                        progress, decode_tile_size)
+            # 3. pair-consistency QC: regenerate pairs whose image does not show its label
+            for attempt in range(1, max_retries + 2):
+                if qc is None:
+                    break
+                ok, dice = qc_accepts(qc, img, lab, c.num_classes, qc_threshold)
+                for j, i in enumerate(idx):
+                    stats["dice"][i] = float(dice[j])
+                bad = [j for j in range(len(idx)) if not ok[j]]
+                stats["qc"] += len(bad)
+                if not bad or attempt > max_retries:
+                    stats["failed"] += [seeds[idx[j]] for j in bad]
+                    break
+                for j in bad:
+                    seeds[idx[j]] = retry_seed(seeds[idx[j]], 100 + attempt)
+                sub = [idx[j] for j in bad]
+                new_lab = checked_labels(sub)
+                new_img = self._generate_images(new_lab, [seeds[i] for i in sub], sched, stochastic,
+                                                conditioning_scale, amp, progress, decode_tile_size)
+                lab, img = lab.clone(), img.clone()
+                lab[bad], img[bad] = new_lab, new_img
+            return img, lab
+
+        images, labels = zip(*self._batched(num_samples, bs, pairs))
+        result = self._result(list(images), list(labels), seeds)
+        if constrained:
+            result.report = summarise(num_samples, stats["attempts"], stats["volume"], stats["qc"], stats["failed"],
+                                      stats["dice"] if qc is not None else None)
+        return result
+
+    @torch.inference_mode()
+    def sample_labels(
+        self,
+        num_samples: int,
+        *,
+        seed: int | Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+        num_inference_steps: int = 50,
+        scheduler: str = "ddim",
+        dtype: str | torch.dtype | None = None,
+        class_volumes: Mapping[str | int, float] | Sequence[Mapping[str | int, float]] | None = None,
+        guidance_scale: float = 1.0,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Run stage 1 alone: label maps only (e.g. to study controllability cheaply).
+
+        Sample ``i`` equals ``sample(...).labels[i]`` for the same seed and arguments.
+
+        Returns:
+            int64 ``(N, 1, H, W, D)`` class ids (CPU).
+        """
+        seeds = self._resolve_seeds(num_samples, seed, generator)
+        bs = self._batch_size(num_samples, batch_size)
+        sched, amp = self._prepare(scheduler, num_inference_steps, 1.0, dtype)
+        _, _, context, null_context = self._attribute_context(class_volumes, num_samples)
+        out = []
         for start in range(0, num_samples, bs):
-            chunk = seeds[start : start + bs]
-            lab = self._generate_labels(chunk, sched, stochastic, amp, progress)
-            img = self._generate_images(lab, chunk, sched, stochastic, conditioning_scale, amp, progress)
-            labels.append(lab)
-            images.append(img)
-        return self._result(images, labels, seeds)
+            sl = slice(start, start + bs)
+            out.append(self._generate_labels(seeds[sl], sched, is_stochastic(scheduler), amp, progress, "auto",
+                                             None if context is None else context[sl],
+                                             None if null_context is None else null_context[sl],
+                                             guidance_scale).cpu())
+        return torch.cat(out)
 
     @torch.inference_mode()
     def generate_images(
@@ -369,6 +543,7 @@ class DuoDiffusion:
         scheduler: str = "ddim",
         conditioning_scale: float = 1.0,
         dtype: str | torch.dtype | None = None,
+        decode_tile_size: TileSize = "auto",
         progress: bool = True,
     ) -> DuoSample:
         """Run stage 2 alone: generate images for your own label maps.
@@ -387,10 +562,10 @@ class DuoDiffusion:
         bs = self._batch_size(n, batch_size)
         sched, amp = self._prepare(scheduler, num_inference_steps, conditioning_scale, dtype)
         stochastic = is_stochastic(scheduler)
-        images, labels_out = [], []
-        for start in range(0, n, bs):
-            chunk = lab[start : start + bs]
-            images.append(self._generate_images(chunk, seeds[start : start + bs], sched, stochastic,
-                                                conditioning_scale, amp, progress))
-            labels_out.append(chunk)
-        return self._result(images, labels_out, seeds)
+        check_tile_size(decode_tile_size)
+
+        def images(start: int, stop: int) -> torch.Tensor:
+            return self._generate_images(lab[start:stop], seeds[start:stop], sched, stochastic, conditioning_scale,
+                                         amp, progress, decode_tile_size)
+
+        return self._result(self._batched(n, bs, images), [lab], seeds)

@@ -24,6 +24,16 @@ def add_parser(sub) -> None:
     p.add_argument("--prefix", default="duodiff", help="case-name prefix (default duodiff)")
     p.add_argument("--resume", action="store_true",
                    help="skip seeds whose label file already exists in OUT (after an interrupted run)")
+    p.add_argument("--class-volume", action="append", default=[], metavar="NAME=ML",
+                   help="request a foreground class volume in mL (repeatable; needs a volume-conditioned model)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance of the label stage")
+    p.add_argument("--volume-tolerance", type=float, default=None,
+                   help="regenerate samples whose volumes miss the request by more than this fraction (e.g. 0.15)")
+    p.add_argument("--qc", default=None, metavar="DIR",
+                   help="pair-consistency QC with a segmenter folder (segmenter.json + .safetensors, written by "
+                        "`duodiff evaluate`); failing pairs are regenerated")
+    p.add_argument("--qc-threshold", type=float, default=0.5, help="QC Dice threshold (default 0.5)")
+    p.add_argument("--max-retries", type=int, default=3, help="regeneration rounds for rejected samples")
     p.add_argument("--preview", default=None, metavar="PNG", help="also write a preview montage to PNG")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -41,6 +51,13 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         seeds = [s for s in seeds if not (out / "labelsTr" / f"{sample_name(s, args.prefix)}.nii.gz").exists()]
     pipe = load_model(args, device=args.device)
+    class_volumes = parse_class_volumes(args.class_volume)
+    qc = None
+    if args.qc:
+        from ..segmenter import SliceSegmenter
+
+        qc = SliceSegmenter.load(args.qc).to(args.device).eval()
+    reports = []
     try:  # fail before sampling, not after it
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -52,14 +69,41 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, len(seeds), args.batch_size):
         chunk = seeds[start : start + args.batch_size]
         result = pipe.sample(len(chunk), seed=chunk, num_inference_steps=args.steps, scheduler=args.scheduler,
-                             dtype=args.dtype, progress=not args.no_progress)
+                             dtype=args.dtype, progress=not args.no_progress, class_volumes=class_volumes,
+                             guidance_scale=args.guidance_scale, volume_tolerance=args.volume_tolerance, qc=qc,
+                             qc_threshold=args.qc_threshold, max_retries=args.max_retries)
+        if result.report:
+            reports.append(result.report)
         result.save(out, prefix=args.prefix)
         written += len(chunk)
         bar.update(len(chunk))
     bar.close()
+    if reports:
+        attempts = sum(r["attempts"] for r in reports)
+        failed = [s for r in reports for s in r["failed_seeds"]]
+        print(f"acceptance: {written - len(failed)}/{written} pairs met the constraints in {attempts} attempts "
+              f"(rate {(written - len(failed)) / max(attempts, 1):.2f}); {len(failed)} kept but failing: {failed}",
+              file=sys.stderr)
     if args.preview:
         from ..preview import preview_folder
 
         preview_folder(out, args.preview)
     print(f"wrote {written} pair(s) to {out} ({args.num_samples - len(seeds)} already there)", file=sys.stderr)
     return 0
+
+
+def parse_class_volumes(items: list[str]) -> dict[str, float] | None:
+    """``["Anterior=1.5", "2=0.3"]`` -> ``{"Anterior": 1.5, 2: 0.3}`` (mL)."""
+    if not items:
+        return None
+    out: dict = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            ml = float(value)
+        except ValueError:
+            ml = None
+        if not sep or not name or ml is None:
+            raise ValueError(f"--class-volume must look like NAME=ML (e.g. Anterior=1.5), got {item!r}.")
+        out[int(name) if name.isdigit() else name] = ml
+    return out

@@ -96,7 +96,7 @@ class StageConfig(_Config):
         ema_decay: EMA decay of the diffusion models (0 disables; autoencoders never use EMA).
         kl_weight: KL weight of autoencoders.
         dice_weight: Dice weight of the label autoencoder (with cross-entropy).
-        adv_weight: patch-adversarial weight of the image autoencoder (0 disables the discriminator).
+        adv_weight: reserved for a patch-adversarial loss (not implemented yet; must be 0).
         checkpoint_every: steps between checkpoints (0 = only at the end).
         log_every: steps between CSV rows.
         condition_dropout: probability of dropping the attribute condition (classifier-free guidance training).
@@ -127,6 +127,11 @@ class StageConfig(_Config):
             raise ConfigError(f"{self._name}.lr must be > 0, got {self.lr}.")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"{self._name}.ema_decay must be in [0, 1), got {self.ema_decay}.")
+        if self.adv_weight != 0:
+            raise ConfigError(
+                f"{self._name}.adv_weight={self.adv_weight}: the patch-adversarial loss is not implemented yet; "
+                "set it to 0."
+            )
         if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.log_every < 1:
             raise ConfigError(
                 f"{self._name}: warmup_steps and checkpoint_every must be >= 0 and log_every >= 1, got "
