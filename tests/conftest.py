@@ -70,14 +70,18 @@ def offline_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``python -c code`` in a fresh interpreter (so import-time env vars take effect)."""
+def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run ``python -c code`` in a fresh interpreter (so import-time env vars take effect).
+
+    The generous timeout only guards against hangs: on a shared, oversubscribed machine a bare
+    ``import duodiff`` has been seen to take minutes of wall time.
+    """
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                           env=env or offline_env())
 
 
 def run_cli(args: Sequence[str], *, script: bool = False, env: dict[str, str] | None = None,
-            timeout: float = 180) -> subprocess.CompletedProcess:
+            timeout: float = 900) -> subprocess.CompletedProcess:
     """Run the real ``duodiff`` CLI in a subprocess.
 
     Args:

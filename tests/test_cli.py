@@ -166,16 +166,22 @@ def test_usage_errors_are_one_line(argv, fragment, capsys):
     assert len(lines) == 1 and fragment in lines[0] and "--help" in lines[0], err
 
 
-def test_out_is_a_file(tiny_model_dir, tmp_path):
+def test_out_under_a_file_is_unwritable(tiny_model_dir, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
-    proc = run_cli(["sample", "-m", str(tiny_model_dir), "-n", "1", "--out", str(blocker), "--steps", "2",
-                    "--no-progress"])
-    assert_one_line_error(proc, "is not a folder")
     proc = run_cli(["sample", "-m", str(tiny_model_dir), "-n", "1", "--out", str(blocker / "sub"), "--steps", "2",
                     "--no-progress"])
-    assert_one_line_error(proc, "Cannot create output folders", "writable")
+    assert_one_line_error(proc, "duodiff sample: error:", "Cannot create output folders", "writable --out")
     assert blocker.read_text() == "x"
+
+
+def test_out_is_a_file(tiny_model_dir, tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    code, out, err = call_main(["sample", "-m", str(tiny_model_dir), "-n", "1", "--out", str(blocker),
+                                "--no-progress"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "is not a folder" in err and blocker.read_text() == "x"
 
 
 def test_corrupt_model_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
