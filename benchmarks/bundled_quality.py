@@ -76,7 +76,8 @@ def to_markdown(s: dict, meta: dict) -> str:
     lines = [f"# Quality of `{meta['model']}` vs real {meta['subset']} cases", "",
              f"{meta['num_samples']} samples ({meta['sampler']}), {meta['num_real']} real cases, "
              f"{meta['seconds']:.0f} s on {meta['device']}.", "",
-             "| class | real median volume (voxels) | synthetic median | difference | within ±20 % |", "|---|---|---|---|---|"]
+             "| class | real median volume (voxels) | synthetic median | difference | within ±20 % |",
+             "|---|---|---|---|---|"]
     for name, r in s["volume"].items():
         lines.append(f"| {name} | {r['real_median_voxels']:.0f} | {r['synthetic_median_voxels']:.0f} | "
                      f"{100 * r['relative_difference']:+.1f} % | {'yes' if r['within_20pct'] else 'no'} |")
