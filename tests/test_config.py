@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from duodiff import AutoencoderConfig, ConfigError, ControlNetConfig, PipelineConfig, SchedulerConfig, UNetConfig
 from duodiff.presets import make_config
@@ -248,3 +250,29 @@ def test_scheduler_config_validation(kwargs, fragment):
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+# ------------------------------------------------------------------ validation matches what MONAI can do
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(shape=st.tuples(*[st.integers(min_value=4, max_value=20)] * 3))
+def test_accepted_shapes_run_and_rejected_shapes_would_break(shape):
+    """Every shape the config accepts goes through the MONAI networks unchanged; every other shape is
+    one MONAI would crop (autoencoder) or fail on (UNet), and is rejected up front."""
+    import torch
+
+    from duodiff.models import build_autoencoder, build_unet
+
+    try:
+        cfg = make_config("tiny", num_classes=2, volume_shape=shape)
+    except ConfigError as e:
+        assert str(shape) in str(e) and "multiples of" in str(e)
+        assert any(s % 4 for s in shape)
+        return
+    assert all(s % 4 == 0 for s in shape)
+    ae, unet = build_autoencoder(cfg.label_autoencoder), build_unet(cfg.label_unet)
+    with torch.inference_mode():
+        x = torch.zeros(1, 2, *shape)
+        z = ae.encode_stage_2_inputs(x)
+        assert tuple(z.shape[1:]) == cfg.label_latent_shape
+        assert tuple(ae.decode_stage_2_outputs(z).shape[2:]) == shape
+        assert unet(z, timesteps=torch.zeros(1, dtype=torch.long)).shape == z.shape
