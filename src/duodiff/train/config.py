@@ -100,6 +100,7 @@ class StageConfig(_Config):
         checkpoint_every: steps between checkpoints (0 = only at the end).
         log_every: steps between CSV rows.
         condition_dropout: probability of dropping the attribute condition (classifier-free guidance training).
+        amp: autocast of this stage (``"float32"``, ``"bfloat16"``, ``"float16"``); empty = the run's ``amp``.
     """
 
     _name: ClassVar[str] = "[stages.*]"
@@ -118,6 +119,7 @@ class StageConfig(_Config):
     checkpoint_every: int = 500
     log_every: int = 10
     condition_dropout: float = 0.15
+    amp: str = ""
 
     def validate(self) -> None:
         for name in ("steps", "batch_size"):
@@ -127,6 +129,8 @@ class StageConfig(_Config):
             raise ConfigError(f"{self._name}.lr must be > 0, got {self.lr}.")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"{self._name}.ema_decay must be in [0, 1), got {self.ema_decay}.")
+        if self.amp not in ("", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"{self._name}.amp must be '', 'float32', 'bfloat16' or 'float16', got {self.amp!r}.")
         if self.adv_weight != 0:
             raise ConfigError(
                 f"{self._name}.adv_weight={self.adv_weight}: the patch-adversarial loss is not implemented yet; "

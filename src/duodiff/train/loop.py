@@ -210,6 +210,7 @@ def run_stage(
     writer = _CsvLog(log_file, keep_until=start) if di.is_main else None
     bar = tqdm(total=cfg.steps, initial=start, desc=name, disable=not (progress and di.is_main), leave=True)
     t0 = time.perf_counter()
+    skipped = bad_steps = 0
     for step in range(start, end):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
@@ -236,19 +237,28 @@ def run_stage(
             scaler.unscale_(opt)
         else:
             loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if scaler is not None:
-            scaler.step(opt)
+            scaler.step(opt)  # GradScaler skips non-finite steps itself
             scaler.update()
-        else:
+        elif torch.isfinite(grad_norm):
             opt.step()
+            bad_steps = 0
+        else:
+            # a non-finite gradient (seen with bf16 autocast on CPU): skip this update, never apply NaN weights
+            skipped += 1
+            bad_steps += 1
+            if bad_steps >= 25:
+                raise FloatingPointError(
+                    f"{name}: 25 consecutive steps had non-finite gradients (step {step}). Use "
+                    f"[stages.{name}].amp = 'float32' or a lower lr."
+                )
         if ema is not None:
             ema.update_parameters(model)
         # 3. log, checkpoint
         done = step + 1
         if writer is not None and (done % cfg.log_every == 0 or done == end):
-            writer.write({"step": done, "loss": float(loss.detach()), **logs, "lr": lr,
+            writer.write({"step": done, "loss": float(loss.detach()), **logs, "lr": lr, "skipped_steps": skipped,
                           "seconds": round(time.perf_counter() - t0, 3)})
         bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
         bar.update(1)
@@ -283,7 +293,7 @@ class _CsvLog:
         self.f = open(path, "w", newline="")
         self.writer = None
         if self.fields:
-            self.writer = csv.DictWriter(self.f, fieldnames=self.fields)
+            self.writer = csv.DictWriter(self.f, fieldnames=self.fields, extrasaction="ignore")
             self.writer.writeheader()
             self.writer.writerows(rows)
 

@@ -155,7 +155,7 @@ class Trainer:
         pipe = self.load_pipeline()
         pc = pipe.config
         common = dict(
-            num_samples=len(data.names), seed=cfg.seed, device=self.device, amp=cfg.amp,
+            num_samples=len(data.names), seed=cfg.seed, device=self.device, amp=scfg.amp or cfg.amp,
             ckpt_root=self.out / "checkpoints" / stage, log_file=self.out / "logs" / f"{stage}.csv",
             resume=resume, stop_after=stop_after, progress=cfg.progress,
         )
@@ -280,7 +280,7 @@ def _plot_curve(csv_file: Path, png: Path) -> None:
     steps = [int(r["step"]) for r in rows]
     fig, ax = plt.subplots(figsize=(5, 3))
     for key in rows[0]:
-        if key in ("step", "lr", "seconds"):
+        if key in ("step", "lr", "seconds", "skipped_steps"):
             continue
         ax.plot(steps, [float(r[key]) for r in rows], label=key)
     ax.set_yscale("log")
