@@ -219,3 +219,25 @@ def test_ddp_gloo_two_processes_keep_replicas_in_sync(dataset, tmp_path):
     hashes = json.loads(line.split(" ", 1)[1])
     assert len(hashes) == 2 and hashes[0] == hashes[1]
     assert DuoDiffusion.from_pretrained(tmp_path / "run" / "model").config.label_scale_factor != 1.0
+
+
+def test_nonfinite_gradients_skip_the_update(tmp_path):
+    from duodiff.train.config import StageConfig
+    from duodiff.train.loop import run_stage
+
+    model = torch.nn.Linear(2, 1)
+    poison = {"on": False}
+    model.weight.register_hook(lambda g: torch.full_like(g, float("inf")) if poison["on"] else g)
+
+    def loss_fn(m, ctx):
+        poison["on"] = ctx.step == 2  # step 3 (1-based) gets an infinite gradient
+        return (m(torch.ones(4, 2)) - 1).pow(2).mean(), {}
+
+    cfg = StageConfig(steps=4, batch_size=1, warmup_steps=0, log_every=1, checkpoint_every=0)
+    trained, finished = run_stage("toy", model, loss_fn, cfg, num_samples=4, seed=0, device=torch.device("cpu"),
+                                  amp="float32", ckpt_root=tmp_path / "ck", log_file=tmp_path / "toy.csv",
+                                  use_ema=False, progress=False)
+    assert finished and all(torch.isfinite(p).all() for p in trained.parameters())
+    with open(tmp_path / "toy.csv") as f:
+        skipped = [int(r["skipped_steps"]) for r in csv.DictReader(f)]
+    assert skipped == [0, 0, 1, 1]
