@@ -280,7 +280,7 @@ def export_nnunet(
         num_inference_steps: denoising steps per stage when generating.
         scheduler: sampler when generating.
         batch_size: pairs per generation call.
-        device: device to load and run a model on (default: as loaded).
+        device: device to load a model on (model folders and Hub ids; default: CPU).
         dtype: autocast dtype when generating.
         prefix: synthetic case-name prefix (``<prefix>_s<seed>``).
         label_names: class names (background first); default from the real ``dataset.json``, else the
@@ -331,6 +331,9 @@ def export_nnunet(
     syn_cases: list[Case] = []
     syn_labels = syn_channels = None
     if isinstance(synthetic, DuoDiffusion):
+        if device is not None:
+            raise ValueError("device applies to models loaded by export_nnunet; move a DuoDiffusion yourself "
+                             "(pipe.to(device)) before passing it.")
         pipe = synthetic
     elif synthetic is not None and _is_model_source(synthetic):
         pipe = DuoDiffusion.from_pretrained(synthetic, device=device)
@@ -345,8 +348,6 @@ def export_nnunet(
             syn_cases = syn_cases[:num_synthetic]
         syn_labels, syn_channels = read_dataset_meta(synthetic)
     if pipe is not None:
-        if device is not None:
-            pipe.to(device)
         if num_synthetic is None:
             raise ValueError("Generating from a model needs num_synthetic (-n N), the number of pairs to make.")
         syn_labels = tuple(pipe.config.label_names)

@@ -1,0 +1,326 @@
+"""Benchmark the streaming SyntheticPairDataset: throughput, training-loop wait time and memory.
+
+Three measurements with the tiny preset (16^3 volumes, randomised weights):
+
+1. **Streaming throughput**: pairs/s a consumer gets from ``SyntheticPairDataset(num_samples=None)`` when it
+   does nothing else, next to the raw ``pipe.sample`` rate.
+2. **Wait fraction**: a real training loop (MONAI UNet + DiceLoss, ``mix_loaders`` over a real in-memory
+   loader, 3 real + 1 synthetic per batch). The share of wall time spent in ``next(batch)`` is the time the
+   loop waits for synthetic data (the real side is in memory). Target: <= 5 % when generation is faster
+   than training. A second scenario with a trainer faster than generation shows what happens otherwise.
+3. **Memory**: RSS every ``--rss-every`` pairs over ``--num-samples`` (default 10,000) streamed pairs;
+   flat means no leak (the pool is bounded).
+
+Run:  python benchmarks/bench_dataset.py            (about 5-15 minutes on 2 CPU cores)
+      python benchmarks/bench_dataset.py --quick    (a smoke run, < 1 minute)
+Writes benchmarks/results/bench_dataset.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from duodiff import SyntheticPairDataset, mix_loaders
+from duodiff.testing import phantom_pair, tiny_pipeline
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rss_mb() -> float:
+    """Resident set size of this process in MiB (psutil if installed, else /proc/self/status)."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("cannot read RSS: install psutil or run on Linux")
+
+
+def make_stream(pipe, args, seed=0):
+    return SyntheticPairDataset(pipe, num_samples=None, seed=seed, num_inference_steps=args.steps,
+                                pool_size=args.pool_size, generation_batch_size=args.generation_batch_size,
+                                dtype=args.dtype)
+
+
+# ------------------------------------------------------------------------------------------ 1. throughput
+def bench_throughput(pipe, args) -> dict:
+    n = args.throughput_samples
+    pipe.sample(args.generation_batch_size, seed=10**6, num_inference_steps=args.steps, dtype=args.dtype,
+                progress=False)  # warm-up
+    t = time.perf_counter()
+    done = 0
+    while done < n:
+        pipe.sample(args.generation_batch_size, seed=done, num_inference_steps=args.steps, dtype=args.dtype,
+                    progress=False)
+        done += args.generation_batch_size
+    raw = done / (time.perf_counter() - t)
+    it = iter(make_stream(pipe, args))
+    next(it)  # thread start + first batch
+    t = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    stream = n / (time.perf_counter() - t)
+    it.close()
+    return {"samples": n, "pipe_sample_pairs_per_s": raw, "stream_pairs_per_s": stream}
+
+
+# ------------------------------------------------------------------------------------------ 2. wait fraction
+def real_loader(shape, num: int = 12, batch_size: int = 3):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images, labels = [], []
+    for i in range(num):
+        image, label = phantom_pair(shape, num_classes=3, seed=i)
+        images.append(image / image.max())
+        labels.append(label)
+    data = TensorDataset(torch.from_numpy(np.stack(images))[:, None].float(),
+                         torch.from_numpy(np.stack(labels))[:, None].long())
+    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+
+def trainer(channels):
+    from monai.losses import DiceLoss
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=channels, strides=(2,) * (len(channels) - 1),
+               num_res_units=1)
+    return net, torch.optim.Adam(net.parameters(), lr=1e-3), DiceLoss(to_onehot_y=True, softmax=True)
+
+
+def train_step(net, opt, loss_fn, x, y):
+    opt.zero_grad()
+    loss = loss_fn(net(x), y)
+    loss.backward()
+    opt.step()
+
+
+def bench_wait(pipe, args, channels, label) -> dict:
+    net, opt, loss_fn = trainer(channels)
+    # training alone (synthetic samples taken from a list): the step time without any data wait
+    pre = pipe.sample(4, seed=0, num_inference_steps=args.steps, progress=False)
+    shape = tuple(pipe.config.volume_shape)
+    x = torch.cat([torch.rand(3, 1, *shape), pre.images[:1]])
+    y = torch.cat([torch.zeros(3, 1, *shape, dtype=torch.long), pre.labels[:1]])
+    for _ in range(3):
+        train_step(net, opt, loss_fn, x, y)
+    t = time.perf_counter()
+    for _ in range(args.train_steps // 2):
+        train_step(net, opt, loss_fn, x, y)
+    step_alone = (time.perf_counter() - t) / (args.train_steps // 2)
+
+    mixed = mix_loaders(real_loader(shape), make_stream(pipe, args, seed=1000), synthetic_fraction=0.25,
+                        keys=("image", "label"))
+    waits, steps = [], []
+    start = time.perf_counter()
+    done = 0
+    while done < args.train_steps:
+        it = iter(mixed)
+        while done < args.train_steps:
+            t0 = time.perf_counter()
+            try:
+                xb, yb, _ = next(it)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            train_step(net, opt, loss_fn, xb, yb)
+            t2 = time.perf_counter()
+            waits.append(t1 - t0)
+            steps.append(t2 - t0)
+            done += 1
+    total = time.perf_counter() - start
+    warm = args.warmup_steps
+    return {
+        "scenario": label,
+        "trainer_channels": list(channels),
+        "train_steps": len(steps),
+        "train_step_alone_s": step_alone,
+        "synthetic_per_step": 1,
+        "wait_fraction_all": float(sum(waits) / total),
+        "wait_fraction_steady": float(sum(waits[warm:]) / sum(steps[warm:])),
+        "first_step_wait_s": float(waits[0]),
+        "mean_step_s": float(np.mean(steps[warm:])),
+    }
+
+
+# ------------------------------------------------------------------------------------------ 3. memory
+def bench_rss(pipe, args) -> dict:
+    from tqdm.auto import tqdm
+
+    it = iter(make_stream(pipe, args, seed=5000))
+    points = []
+    t = time.perf_counter()
+    checksum = 0.0
+    for i in tqdm(range(1, args.num_samples + 1), desc="streamed pairs", disable=args.no_progress, mininterval=5):
+        item = next(it)
+        checksum += float(item["image"][0, 0, 0, 0])
+        if i % args.rss_every == 0 or i == 1:
+            points.append((i, rss_mb()))
+    elapsed = time.perf_counter() - t
+    it.close()
+    n, r = np.array(points, dtype=float).T
+    half = n >= n.max() / 2
+    slope = float(np.polyfit(n[half], r[half], 1)[0] * 1000) if half.sum() > 1 else 0.0
+    after_warm = r[n >= min(n.max(), 1000)]
+    return {
+        "num_samples": args.num_samples,
+        "seconds": elapsed,
+        "pairs_per_s": args.num_samples / elapsed,
+        "rss_mb": [[int(a), float(b)] for a, b in points],
+        "rss_first_mb": float(r[0]),
+        "rss_after_1000_mb": float(after_warm[0]),
+        "rss_last_mb": float(r[-1]),
+        "rss_max_mb": float(r.max()),
+        "rss_growth_after_1000_mb": float(r[-1] - after_warm[0]),
+        "rss_slope_second_half_mb_per_1000": slope,
+    }
+
+
+# ------------------------------------------------------------------------------------------ report
+def write_report(res: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_dataset.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    tp, mem = res["throughput"], res["rss"]
+    lines = [
+        "# bench_dataset: streaming SyntheticPairDataset",
+        "",
+        f"`{res['command']}`  ",
+        f"{res['env']['cpu']} ({res['env']['cpu_count']} cores, torch {res['env']['torch']}, "
+        f"{res['env']['threads']} threads), load average {res['env']['load_before']} before / "
+        f"{res['env']['load_after']} after (the machine is shared).  ",
+        f"Tiny preset, {'x'.join(map(str, res['settings']['volume_shape']))} volumes, "
+        f"{res['settings']['steps']} denoising step(s) per stage, generation batch "
+        f"{res['settings']['generation_batch_size']}, pool {res['settings']['pool_size']}, dtype "
+        f"{res['settings']['dtype']}.",
+        "",
+        "## Throughput",
+        "",
+        "| source | pairs/s |",
+        "|---|---|",
+        f"| `pipe.sample` in a loop (upper bound) | {tp['pipe_sample_pairs_per_s']:.1f} |",
+        f"| streaming dataset, consumer doing nothing | {tp['stream_pairs_per_s']:.1f} |",
+        f"| streaming dataset over {mem['num_samples']:,} pairs (RSS run) | {mem['pairs_per_s']:.1f} |",
+        "",
+        "## Time a training loop waits for synthetic data",
+        "",
+        "MONAI UNet + DiceLoss, batches of 3 real + 1 synthetic (`mix_loaders`, `synthetic_fraction=0.25`).",
+        "",
+        "| scenario | train step alone | mean step in loop | wait (steady state) | wait (incl. first batch) |",
+        "|---|---|---|---|---|",
+    ]
+    for w in res["wait"]:
+        lines.append(
+            f"| {w['scenario']} (UNet channels {tuple(w['trainer_channels'])}) "
+            f"| {w['train_step_alone_s'] * 1e3:.0f} ms "
+            f"| {w['mean_step_s'] * 1e3:.0f} ms | {w['wait_fraction_steady'] * 100:.1f} % "
+            f"| {w['wait_fraction_all'] * 100:.1f} % |"
+        )
+    lines += [
+        "",
+        "Target: <= 5 % when generation is faster than training (steady state).",
+        "",
+        f"## Memory over {mem['num_samples']:,} streamed pairs",
+        "",
+        f"RSS {mem['rss_first_mb']:.0f} MiB after the first pair, {mem['rss_after_1000_mb']:.0f} MiB after 1,000, "
+        f"{mem['rss_last_mb']:.0f} MiB at the end (max {mem['rss_max_mb']:.0f} MiB); growth after 1,000 pairs: "
+        f"{mem['rss_growth_after_1000_mb']:+.1f} MiB; slope over the second half: "
+        f"{mem['rss_slope_second_half_mb_per_1000']:+.2f} MiB per 1,000 pairs.",
+        "",
+        "![RSS and wait fraction](bench_dataset.png)",
+        "",
+    ]
+    (out / "bench_dataset.md").write_text("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG", file=sys.stderr)
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    n, r = np.array(mem["rss_mb"]).T
+    a.plot(n, r, marker=".")
+    a.set_xlabel("pairs streamed")
+    a.set_ylabel("RSS (MiB)")
+    a.set_ylim(0, max(r) * 1.2)
+    a.set_title(f"RSS over {mem['num_samples']:,} streamed pairs")
+    names = [w["scenario"] for w in res["wait"]]
+    b.bar(names, [w["wait_fraction_steady"] * 100 for w in res["wait"]])
+    b.axhline(5, color="r", linestyle="--", label="5 % target")
+    b.set_ylabel("time waiting for synthetic data (%)")
+    b.set_title("training-loop wait (steady state)")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(out / "bench_dataset.png", dpi=100)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-samples", type=int, default=10_000, help="pairs streamed for the RSS run")
+    p.add_argument("--rss-every", type=int, default=100)
+    p.add_argument("--throughput-samples", type=int, default=256)
+    p.add_argument("--train-steps", type=int, default=60)
+    p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=1, help="denoising steps per stage")
+    p.add_argument("--generation-batch-size", type=int, default=16)
+    p.add_argument("--pool-size", type=int, default=32)
+    p.add_argument("--dtype", default=None, choices=[None, "bfloat16"], help="autocast dtype for generation")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--volume-shape", type=int, nargs=3, default=(16, 16, 16), help="tiny preset volume (H W D)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 200 pairs, 8 training steps")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_samples, args.throughput_samples, args.train_steps, args.rss_every = 200, 32, 8, 20
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+    }
+    pipe = tiny_pipeline(volume_shape=tuple(args.volume_shape))
+    res = {"command": "python benchmarks/bench_dataset.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "settings": {"volume_shape": list(args.volume_shape), "steps": args.steps,
+                        "generation_batch_size": args.generation_batch_size,
+                        "pool_size": args.pool_size, "dtype": args.dtype}}
+    res["throughput"] = bench_throughput(pipe, args)
+    print(f"throughput: pipe.sample {res['throughput']['pipe_sample_pairs_per_s']:.1f} pairs/s, stream "
+          f"{res['throughput']['stream_pairs_per_s']:.1f} pairs/s")
+    res["wait"] = [
+        bench_wait(pipe, args, (16, 32, 64), "generation faster than training"),
+        bench_wait(pipe, args, (4, 8), "generation slower than training"),
+    ]
+    for w in res["wait"]:
+        print(f"wait [{w['scenario']}]: step alone {w['train_step_alone_s'] * 1e3:.0f} ms, steady wait "
+              f"{w['wait_fraction_steady'] * 100:.1f} %, incl. first batch {w['wait_fraction_all'] * 100:.1f} %")
+    res["rss"] = bench_rss(pipe, args)
+    m = res["rss"]
+    print(f"rss over {m['num_samples']} pairs ({m['pairs_per_s']:.1f} pairs/s): first {m['rss_first_mb']:.0f} MiB, "
+          f"after 1000 {m['rss_after_1000_mb']:.0f} MiB, last {m['rss_last_mb']:.0f} MiB, max {m['rss_max_mb']:.0f} "
+          f"MiB, slope {m['rss_slope_second_half_mb_per_1000']:+.2f} MiB/1000")
+    env["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    res["env"] = env
+    write_report(res, args.out)
+    print(f"wrote {args.out / 'bench_dataset.json'}, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
