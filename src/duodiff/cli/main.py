@@ -19,6 +19,7 @@ COMMANDS = {
     "sample": "sample",
     "info": "info",
     "preview": "preview",
+    "evaluate": "evaluate",
     "export": "export",
     "convert": "convert",
     "train": "train",
