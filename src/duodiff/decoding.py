@@ -9,9 +9,12 @@ memory budget, preferring exact strategies:
 3. overlapping latent tiles blended with Gaussian weights by MONAI's
    :class:`~monai.inferers.SlidingWindowInferer`, only when one volume does not fit.
 
-Tiling is approximate: each tile's ``GroupNorm`` layers see that tile's statistics instead of the
-whole volume's, and tile borders see zero padding. :func:`seam_report` measures the tiled-vs-whole
-difference on your own model; ``docs/performance.md`` lists the tolerances measured for the presets.
+Each tile is decoded with ``halo`` extra latent voxels of context on every side (cropped away
+afterwards, via the inferer's ``with_coord`` hook), so tile borders do not see zero padding where
+the volume continues. Tiling is still approximate: the decoder's receptive field can exceed the
+halo, and each tile's ``GroupNorm`` layers see that tile's statistics instead of the whole
+volume's. :func:`seam_report` measures the tiled-vs-whole difference on your own model;
+``docs/performance.md`` lists the tolerances measured for the presets.
 
 Example:
     >>> import torch
@@ -40,14 +43,17 @@ from torch.utils._pytree import tree_flatten
 __all__ = [
     "TileSize",
     "check_tile_size",
+    "parse_tile_size",
     "decode",
     "resolve_tile_size",
+    "DecodePlan",
     "estimate_decode_bytes",
     "available_memory",
     "peak_tensor_bytes",
     "SeamReport",
     "seam_report",
     "DEFAULT_OVERLAP",
+    "DEFAULT_HALO",
     "CUDA_MEMORY_FRACTION",
 ]
 
@@ -57,8 +63,10 @@ logger = logging.getLogger(__name__)
 #: sizes are in latent voxels.
 TileSize = int | Sequence[int] | Literal["auto"] | None
 
-#: Fraction of each tile side shared with its neighbour.
-DEFAULT_OVERLAP = 0.5
+#: Fraction of each tile side shared with its neighbour (blended with Gaussian weights).
+DEFAULT_OVERLAP = 0.25
+#: Latent voxels of context decoded around each tile and cropped away.
+DEFAULT_HALO = 4
 #: Share of free CUDA memory a decode may plan to use (the rest covers cuDNN workspaces and fragmentation).
 CUDA_MEMORY_FRACTION = 0.7
 #: Smallest tile side (latent voxels) ``"auto"`` will choose; smaller tiles are mostly border.
@@ -221,6 +229,22 @@ def check_tile_size(tile_size: TileSize) -> None:
     _as_tile(tile_size, (1, 1, 1))
 
 
+def parse_tile_size(text: str) -> TileSize:
+    """Command-line form: ``"auto"``, ``"none"``, ``"24"`` or ``"24,24,16"`` (latent voxels)."""
+    t = text.strip().lower()
+    if t in ("auto", "none"):
+        return None if t == "none" else "auto"
+    try:
+        sides = [int(v) for v in t.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"decode tile size must be 'auto', 'none', an int or H,W,D (latent voxels), got {text!r}."
+        ) from None
+    tile: TileSize = sides[0] if len(sides) == 1 else tuple(sides)
+    check_tile_size(tile)
+    return tile
+
+
 def _as_tile(tile_size: int | Sequence[int], latent_shape: Sequence[int]) -> tuple[int, int, int]:
     try:
         sides = [tile_size] * 3 if isinstance(tile_size, int) else list(tile_size)
@@ -241,20 +265,49 @@ def _tile_bytes(autoencoder: nn.Module, tile: Sequence[int]) -> int:
     return estimate_decode_bytes(autoencoder, tile) + 4 * full_voxels * (1 + 2 * prof.out_channels)
 
 
-def _fit_tile(autoencoder: nn.Module, latent_shape: Sequence[int], budget: int) -> tuple[int, int, int]:
-    """Largest tile (shrinking the longest side first) whose decode and blending fit ``budget``."""
-    tile = [int(s) for s in latent_shape]
-    while _tile_bytes(autoencoder, tile) > budget:
-        i = max(range(3), key=lambda k: tile[k])
-        if tile[i] <= MIN_TILE_SIDE:
-            need = _tile_bytes(autoencoder, [min(MIN_TILE_SIDE, s) for s in latent_shape])
-            raise MemoryError(
-                f"Cannot decode within {budget / 2**20:.1f} MiB: even a {MIN_TILE_SIDE}^3 latent tile needs about "
-                f"{need / 2**20:.1f} MiB besides the output. Free memory on the device, pass "
-                "output_device='cpu', or decode on CPU."
-            )
-        tile[i] = max(MIN_TILE_SIDE, int(tile[i] * 0.85))
-    return tuple(tile)  # type: ignore[return-value]
+def _with_halo(tile: Sequence[int], latent_shape: Sequence[int], halo: int) -> list[int]:
+    return [min(int(t) + 2 * halo, int(s)) for t, s in zip(tile, latent_shape)]
+
+
+def _fit_tile(
+    autoencoder: nn.Module, latent_shape: Sequence[int], budget: int, halo: int
+) -> tuple[tuple[int, int, int], int]:
+    """Largest tile (shrinking the longest side first) whose decode (with halo) and blending fit ``budget``.
+
+    If no tile fits with ``halo``, the halo is halved until one does. Returns ``(tile, halo)``.
+    """
+    for h in sorted({halo, *(halo >> k for k in range(1, max(halo.bit_length(), 1) + 1))}, reverse=True):
+        tile = [int(s) for s in latent_shape]
+        while _tile_bytes(autoencoder, _with_halo(tile, latent_shape, h)) > budget:
+            i = max(range(3), key=lambda k: tile[k])
+            if tile[i] <= MIN_TILE_SIDE:
+                break
+            tile[i] = max(MIN_TILE_SIDE, int(tile[i] * 0.85))
+        else:
+            if h < halo:
+                logger.warning("decode budget too small for a halo of %d latent voxels; using %d", halo, h)
+            return tuple(tile), h  # type: ignore[return-value]
+    small = [min(MIN_TILE_SIDE, s) for s in latent_shape]
+    raise MemoryError(
+        f"Cannot decode within {budget / 2**20:.1f} MiB: even a {MIN_TILE_SIDE}^3 latent tile needs about "
+        f"{_tile_bytes(autoencoder, small) / 2**20:.1f} MiB besides the output. Free memory on the device, pass "
+        "output_device='cpu', or decode on CPU."
+    )
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How :func:`decode` splits the work.
+
+    Attributes:
+        volumes_per_call: whole volumes decoded per decoder call (when ``tile`` is ``None``).
+        tile: latent tile ``(h, w, d)``, or ``None`` for whole volumes.
+        halo: context voxels decoded around each tile.
+    """
+
+    volumes_per_call: int
+    tile: tuple[int, int, int] | None
+    halo: int
 
 
 def resolve_tile_size(
@@ -263,9 +316,10 @@ def resolve_tile_size(
     tile_size: TileSize = "auto",
     *,
     max_memory: int | None = None,
+    halo: int = DEFAULT_HALO,
     output_on_device: bool = True,
-) -> tuple[int, tuple[int, int, int] | None]:
-    """Plan a decode: how many volumes per call, and the latent tile (``None`` = whole volumes).
+) -> DecodePlan:
+    """Plan a decode: volumes per call, or the latent tile and its halo.
 
     Args:
         autoencoder: the decoder's autoencoder (on its target device).
@@ -273,34 +327,33 @@ def resolve_tile_size(
         tile_size: ``None`` (whole batch), ``"auto"`` (fit ``max_memory``), an int or ``(h, w, d)``.
         max_memory: byte budget for ``"auto"``; default :func:`available_memory` of the device
             (free CUDA memory; unlimited on CPU).
+        halo: context voxels decoded around each tile (counted in the tile's memory; ``"auto"``
+            halves it when the budget is too small for any tile with it).
         output_on_device: whether the stitched float32 output lives on the decoder's device (and
             so counts against the budget).
-
-    Returns:
-        ``(volumes_per_call, tile)``.
     """
     n, spatial = int(latents_shape[0]), tuple(int(s) for s in latents_shape[2:])
     if tile_size is None:
-        return n, None
+        return DecodePlan(n, None, halo)
     if isinstance(tile_size, str):
-        if tile_size != "auto":
-            raise ValueError(f"decode_tile_size must be None, 'auto', an int or (h, w, d), got {tile_size!r}.")
+        check_tile_size(tile_size)
         device = next(autoencoder.parameters()).device
         budget = available_memory(device) if max_memory is None else int(max_memory)
         if budget is None:
-            return n, None
+            return DecodePlan(n, None, halo)
         per_volume = estimate_decode_bytes(autoencoder, spatial)
         if n * per_volume <= budget:
-            return n, None
+            return DecodePlan(n, None, halo)
         # volumes are decoded into a preallocated output; each call also holds its own output
         output = _output_bytes(autoencoder, spatial, n) if output_on_device else 0
         if per_volume <= budget - output:
-            return max(1, min(n, (budget - output) // max(per_volume, 1))), None
+            return DecodePlan(max(1, min(n, (budget - output) // max(per_volume, 1))), None, halo)
         # tiles are blended into the output plus a one-channel weight map
         stitch = _output_bytes(autoencoder, spatial, n) * (1 + 1 / _profile(autoencoder).out_channels)
-        return 1, _fit_tile(autoencoder, spatial, int(budget - (stitch if output_on_device else 0)))
+        tile, h = _fit_tile(autoencoder, spatial, int(budget - (stitch if output_on_device else 0)), halo)
+        return DecodePlan(1, tile, h)
     tile = _as_tile(tile_size, spatial)  # type: ignore[arg-type]
-    return (n, None) if tile == spatial else (1, tile)
+    return DecodePlan(n, None, halo) if tile == spatial else DecodePlan(1, tile, halo)
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -310,6 +363,7 @@ def decode(
     *,
     tile_size: TileSize = "auto",
     overlap: float = DEFAULT_OVERLAP,
+    halo: int = DEFAULT_HALO,
     max_memory: int | None = None,
     output_device: str | torch.device | None = None,
 ) -> torch.Tensor:
@@ -323,6 +377,7 @@ def decode(
             ``(h, w, d)``: tiles of that many latent voxels (clipped to the latent shape; a tile
             covering the whole latent decodes whole volumes, exactly).
         overlap: fraction of a tile side shared with neighbours, in ``[0, 1)``.
+        halo: latent voxels of context decoded on each side of a tile and cropped away (``>= 0``).
         max_memory: byte budget for ``"auto"`` (default: :data:`CUDA_MEMORY_FRACTION` of free CUDA
             memory; none on CPU).
         output_device: where tiles are stitched (default: the latents' device); ``"cpu"`` keeps the
@@ -334,10 +389,13 @@ def decode(
     _check_latents(latents)
     if not isinstance(overlap, (int, float)) or isinstance(overlap, bool) or not 0 <= overlap < 1:
         raise ValueError(f"overlap must be a number in [0, 1), got {overlap!r}.")
+    if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
+        raise ValueError(f"halo must be an int >= 0 (latent voxels), got {halo!r}.")
     on_device = output_device is None or torch.device(output_device) == latents.device
-    per_call, tile = resolve_tile_size(
-        autoencoder, latents.shape, tile_size, max_memory=max_memory, output_on_device=on_device
+    plan = resolve_tile_size(
+        autoencoder, latents.shape, tile_size, max_memory=max_memory, halo=halo, output_on_device=on_device
     )
+    per_call, tile, halo = plan.volumes_per_call, plan.tile, plan.halo
     fn = _decode_fn(autoencoder)
     n = int(latents.shape[0])
     if tile is None:
@@ -355,11 +413,26 @@ def decode(
         return out
     from monai.inferers import SlidingWindowInferer
 
-    logger.info("decoding %s latents in %s tiles (overlap %.2f)", tuple(latents.shape[2:]), tile, overlap)
+    logger.info("decoding %s latents in %s tiles (overlap %.2f, halo %d)", tuple(latents.shape[2:]), tile, overlap,
+                halo)
+    upsample = _profile(autoencoder).upsample
+    spatial = latents.shape[2:]
+
+    def decode_window(window: torch.Tensor, coords: list) -> torch.Tensor:
+        # decode the window plus `halo` voxels of context from the full latent, keep the window's part
+        outs = []
+        for batch_slice, _, *win in coords:
+            ext = [slice(max(0, w.start - halo), min(int(n), w.stop + halo)) for w, n in zip(win, spatial)]
+            out = fn(latents[(batch_slice, slice(None), *ext)])
+            crop = [slice((w.start - e.start) * upsample, (w.stop - e.start) * upsample) for w, e in zip(win, ext)]
+            outs.append(out[(slice(None), slice(None), *crop)])
+        return torch.cat(outs)
+
     inferer = SlidingWindowInferer(
         roi_size=tile, sw_batch_size=1, overlap=overlap, mode="gaussian", device=output_device, progress=False,
+        with_coord=True,
     )
-    return inferer(latents, fn).float()
+    return inferer(latents, decode_window).float()
 
 
 # ---------------------------------------------------------------------------------------------- seam check
@@ -370,6 +443,7 @@ class SeamReport:
     Attributes:
         tile_size: latent tile used.
         overlap: tile overlap.
+        halo: context voxels around each tile.
         max_abs_diff / mean_abs_diff: over all output voxels (raw decoder outputs for labels,
             intensities clamped to [0, 1] for images).
         psnr_db: PSNR of the tiled image against the whole one with data range 1 (images only).
@@ -378,6 +452,7 @@ class SeamReport:
 
     tile_size: tuple[int, int, int]
     overlap: float
+    halo: int
     max_abs_diff: float
     mean_abs_diff: float
     psnr_db: float | None
@@ -393,6 +468,7 @@ def seam_report(
     *,
     tile_size: int | Sequence[int],
     overlap: float = DEFAULT_OVERLAP,
+    halo: int = DEFAULT_HALO,
     kind: Literal["image", "label"] = "image",
 ) -> SeamReport:
     """Decode ``latents`` whole and tiled and report how much the tiles change the output.
@@ -402,6 +478,7 @@ def seam_report(
         latents: ``(N, C, h, w, d)`` latents (divided by the scale factor).
         tile_size: latent tile, an int or ``(h, w, d)``.
         overlap: tile overlap in ``[0, 1)``.
+        halo: context voxels decoded around each tile.
         kind: ``"image"`` compares intensities clamped to [0, 1] and gives PSNR; ``"label"``
             compares logits and the argmax label maps.
     """
@@ -411,7 +488,7 @@ def seam_report(
     tile = _as_tile(tile_size, latents.shape[2:])
     with torch.inference_mode():
         whole = decode(autoencoder, latents, tile_size=None)
-        tiled = decode(autoencoder, latents, tile_size=tile, overlap=overlap).to(whole.device)
+        tiled = decode(autoencoder, latents, tile_size=tile, overlap=overlap, halo=halo).to(whole.device)
     psnr = agreement = None
     if kind == "image":
         whole, tiled = whole.clamp(0, 1), tiled.clamp(0, 1)
@@ -421,6 +498,6 @@ def seam_report(
         agreement = float((whole.argmax(1) == tiled.argmax(1)).float().mean())
     diff = (whole - tiled).abs()
     return SeamReport(
-        tile_size=tile, overlap=float(overlap), max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
-        psnr_db=psnr, label_agreement=agreement,
+        tile_size=tile, overlap=float(overlap), halo=int(halo), max_abs_diff=float(diff.max()),
+        mean_abs_diff=float(diff.mean()), psnr_db=psnr, label_agreement=agreement,
     )

@@ -34,6 +34,12 @@ def add_parser(sub) -> None:
                         "`duodiff evaluate`); failing pairs are regenerated")
     p.add_argument("--qc-threshold", type=float, default=0.5, help="QC Dice threshold (default 0.5)")
     p.add_argument("--max-retries", type=int, default=3, help="regeneration rounds for rejected samples")
+    p.add_argument("--decode-tile-size", default="auto", metavar="auto|none|N|H,W,D",
+                   help="VAE decoding in latent tiles: auto (only when free CUDA memory is short; default), none, "
+                        "or a tile size in latent voxels")
+    p.add_argument("--distributed", action="store_true",
+                   help="split the seeds across the processes of a torchrun launch into one --out folder "
+                        "(automatic when WORLD_SIZE > 1)")
     p.add_argument("--preview", default=None, metavar="PNG", help="also write a preview montage to PNG")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -42,15 +48,21 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..decoding import parse_tile_size
+    from ..distributed import DistributedContext, finalize_folder, init_distributed, is_torchrun
     from ..output import sample_name
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} exists and is not a folder; choose a folder path.")
-    seeds = list(range(args.seed, args.seed + args.num_samples))
+    tile = parse_tile_size(args.decode_tile_size)
+    # under torchrun each rank takes seeds[rank::world_size]; resuming filters each rank's own share
+    dist = init_distributed(args.device) if args.distributed or is_torchrun() else DistributedContext()
+    shard = dist.shard(range(args.seed, args.seed + args.num_samples))
+    seeds = shard
     if args.resume:
         seeds = [s for s in seeds if not (out / "labelsTr" / f"{sample_name(s, args.prefix)}.nii.gz").exists()]
-    pipe = load_model(args, device=args.device)
+    pipe = load_model(args, device=dist.device(args.device))
     class_volumes = parse_class_volumes(args.class_volume)
     qc = None
     if args.qc:
@@ -65,30 +77,35 @@ def run(args: argparse.Namespace) -> int:
     written = 0
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(seeds), desc="pairs", disable=args.no_progress)
+    bar = tqdm(total=len(seeds), desc="pairs", disable=args.no_progress or not dist.is_main)
     for start in range(0, len(seeds), args.batch_size):
         chunk = seeds[start : start + args.batch_size]
         result = pipe.sample(len(chunk), seed=chunk, num_inference_steps=args.steps, scheduler=args.scheduler,
                              dtype=args.dtype, progress=not args.no_progress, class_volumes=class_volumes,
                              guidance_scale=args.guidance_scale, volume_tolerance=args.volume_tolerance, qc=qc,
-                             qc_threshold=args.qc_threshold, max_retries=args.max_retries)
+                             qc_threshold=args.qc_threshold, max_retries=args.max_retries, decode_tile_size=tile)
         if result.report:
             reports.append(result.report)
         result.save(out, prefix=args.prefix)
         written += len(chunk)
         bar.update(len(chunk))
     bar.close()
+    dist.barrier()  # every rank has written its cases; rank 0 fixes dataset.json and writes the preview
+    if dist.is_distributed and dist.is_main:
+        finalize_folder(out)
     if reports:
         attempts = sum(r["attempts"] for r in reports)
         failed = [s for r in reports for s in r["failed_seeds"]]
         print(f"acceptance: {written - len(failed)}/{written} pairs met the constraints in {attempts} attempts "
               f"(rate {(written - len(failed)) / max(attempts, 1):.2f}); {len(failed)} kept but failing: {failed}",
               file=sys.stderr)
-    if args.preview:
+    if args.preview and dist.is_main:
         from ..preview import preview_folder
 
         preview_folder(out, args.preview)
-    print(f"wrote {written} pair(s) to {out} ({args.num_samples - len(seeds)} already there)", file=sys.stderr)
+    who = f"rank {dist.rank}/{dist.world_size}: " if dist.is_distributed else ""
+    print(f"{who}wrote {written} pair(s) to {out} ({len(shard) - len(seeds)} already there)", file=sys.stderr)
+    dist.close()
     return 0
 
 

@@ -1,0 +1,611 @@
+"""Sampling speed and memory of duodiff, stage by stage, against MONAI's inferers in the same run.
+
+Stages timed separately: label denoising, label decode, image denoising (UNet + ControlNet), image
+decode. Rows cover dtype x sampler/steps x batch size x volume preset; each reports latency per
+batch, pairs/s and peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of the process,
+reset per stage through ``/proc/self/clear_refs``).
+
+Baseline (same weights, same run): MONAI's ``LatentDiffusionInferer.sample`` (label stage) and the
+ControlNet inferer loop (image stage) with 1000 DDPM steps in fp32, batch 1. MONAI's
+``ControlNetLatentDiffusionInferer.sample`` resizes the ControlNet condition to the *latent* size
+before calling its parent loop, which fails for a ControlNet that takes the label map at image
+resolution (duodiff's design, and MONAI's own ``conditioning_embedding_num_channels`` default); so
+the image-stage baseline calls that parent loop (``ControlNetDiffusionInferer.sample``, what
+``ControlNetLatentDiffusionInferer.sample`` runs after its resize) and then
+``autoencoder.decode_stage_2_outputs`` exactly as the latent inferer does.
+
+Long loops can be timed on their first ``--max-steps`` steps and extrapolated linearly (each step
+costs the same); such rows are marked ``extrapolated``. Decode time does not depend on the sampler
+and is measured once per (preset, dtype, batch).
+
+Quality parity (needs a trained model: ``--model`` or the bundled one): label-volume statistics
+of N label maps from duodiff DDIM-50 (low precision) against N from the MONAI DDPM-1000 fp32
+baseline; each foreground class's mean volume must agree within 10 %.
+
+Examples::
+
+    python benchmarks/bench_sampling.py                       # CPU defaults, results in benchmarks/results/
+    python benchmarks/bench_sampling.py --device cuda --preset paper --batch-sizes 1 4 8 --dtypes float16
+    duodiff bench -- --quick                                  # the same script through the CLI
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SAMPLERS = {"ddpm-1000": ("ddpm", 1000), "ddim-50": ("ddim", 50), "ddim-20": ("ddim", 20)}
+LOW_PRECISION = {"cpu": "bfloat16", "cuda": "float16"}
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+# ------------------------------------------------------------------------------------------- measuring
+class Memory:
+    """Peak memory of a block: CUDA max allocated, or CPU peak RSS (VmHWM reset before the block)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.can_reset_rss = Path("/proc/self/clear_refs").exists()
+
+    @staticmethod
+    def _status(field: str) -> int:
+        m = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+        return int(m.group(1)) * 1024 if m else 0
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.can_reset_rss:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if Path("/proc/self/status").exists():
+            return self._status("VmHWM")
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def timed(device: torch.device, memory: Memory, fn: Callable[[], Any]) -> tuple[Any, float, int]:
+    """Run ``fn`` once: (result, seconds, peak bytes)."""
+    memory.reset()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0, memory.peak()
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
+# ------------------------------------------------------------------------------------------- models
+def load_pipelines(args, device: torch.device) -> dict[str, tuple[Any, str]]:
+    """preset -> (pipeline, description of the weights)."""
+    from duodiff import DuoDiffusion
+    from duodiff.testing import randomize_weights
+
+    out = {}
+    for preset in args.preset:
+        if preset == "hippocampus" and args.trained is not None:
+            pipe = DuoDiffusion.from_pretrained(args.trained, device=str(device))
+            out[preset] = (pipe, f"trained ({args.trained})")
+            continue
+        pipe = DuoDiffusion.from_preset(preset, num_classes=3)
+        randomize_weights(pipe, seed=0, std=0.02)
+        out[preset] = (pipe.to(device), "random")
+    return out
+
+
+def find_trained_model(explicit: str | None) -> str | None:
+    if explicit:
+        if explicit.lower() == "none":
+            return None
+        return explicit
+    try:
+        from duodiff.bundled import bundled_model_path
+
+        return str(bundled_model_path())
+    except (FileNotFoundError, ImportError):
+        return None
+
+
+def attribute_context(pipe, n: int):
+    """(context, null_context) for unconditional sampling of an attribute-conditioned label model."""
+    ctx_fn = getattr(pipe, "_attribute_context", None)
+    if ctx_fn is None or not getattr(pipe.config, "attributes", ()):
+        return None, None
+    _, _, context, null_context = ctx_fn(None, n)
+    return context.to(pipe.device), null_context.to(pipe.device)
+
+
+# ------------------------------------------------------------------------------------------- duodiff stages
+def scheduler_for(pipe, name: str, steps: int, measured: int):
+    from duodiff.schedulers import make_scheduler
+
+    sched = make_scheduler(name, pipe.config.scheduler)
+    sched.set_timesteps(steps, device=pipe.device)
+    if measured < steps:
+        sched.timesteps = sched.timesteps[:measured]  # the first `measured` steps of the real schedule
+    return sched
+
+
+def duodiff_denoise(pipe, device, memory, dtype, sampler, steps, batch, max_steps, seed=0):
+    """Time label and image denoising for one config. Returns (stage dict, latents for decoding)."""
+    from duodiff.sampling import denoise, initial_noise, is_stochastic, stage_generators
+
+    name, measured = sampler, min(steps, max_steps)
+    seeds = list(range(seed, seed + batch))
+    context, null_context = attribute_context(pipe, batch)
+    stochastic = is_stochastic(name)
+    res: dict[str, Any] = {"measured_steps": measured}
+    with torch.inference_mode(), autocast(device, dtype):
+        gens = stage_generators(seeds, "label")
+        noise = initial_noise(gens, pipe.config.label_latent_shape, pipe.device)
+        sched = scheduler_for(pipe, name, steps, measured)
+        zl, t, m = timed(device, memory, lambda: denoise(
+            pipe.label_unet, sched, noise, generators=gens, stochastic=stochastic, progress=False,
+            context=context, null_context=null_context))
+        res["label_denoise_s"], res["label_denoise_peak"] = t * steps / measured, m
+        labels = torch.zeros((batch, 1, *pipe.config.volume_shape), dtype=torch.long, device=pipe.device)
+        cond = pipe.one_hot(labels)
+        gens = stage_generators(seeds, "image")
+        noise = initial_noise(gens, pipe.config.image_latent_shape, pipe.device)
+        sched = scheduler_for(pipe, name, steps, measured)
+        zi, t, m = timed(device, memory, lambda: denoise(
+            pipe.image_unet, sched, noise, generators=gens, stochastic=stochastic, controlnet=pipe.image_controlnet,
+            condition=cond, progress=False))
+        res["image_denoise_s"], res["image_denoise_peak"] = t * steps / measured, m
+    return res, zl, zi
+
+
+def duodiff_decode(pipe, device, memory, dtype, zl, zi):
+    res = {}
+    with torch.inference_mode(), autocast(device, dtype):
+        _, t, m = timed(device, memory, lambda: pipe.decode_labels(zl, decode_tile_size=None))
+        res["label_decode_s"], res["label_decode_peak"] = t, m
+        _, t, m = timed(device, memory, lambda: pipe.decode_images(zi, decode_tile_size=None))
+        res["image_decode_s"], res["image_decode_peak"] = t, m
+    return res
+
+
+def warm_up(pipe, device, dtype, batch):
+    """One short pass so oneDNN/cuDNN kernel selection and autocast caches are not timed."""
+    mem = Memory(device)
+    _, zl, zi = duodiff_denoise(pipe, device, mem, dtype, "ddim", 50, batch, 2)
+    duodiff_decode(pipe, device, mem, dtype, zl, zi)
+
+
+# ------------------------------------------------------------------------------------------- MONAI baseline
+def monai_baseline(pipe, device, memory, steps: int, batch: int, seed: int = 0) -> dict[str, Any]:
+    """MONAI inferers, DDPM-``steps`` in fp32; timed on ``steps`` steps (scaled to 1000 if fewer)."""
+    from monai.inferers import ControlNetDiffusionInferer, ControlNetLatentDiffusionInferer, LatentDiffusionInferer
+    from monai.networks.schedulers import DDPMScheduler
+
+    c = pipe.config.scheduler
+    total = 1000
+
+    def ddpm():
+        s = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, schedule=c.schedule, beta_start=c.beta_start,
+                          beta_end=c.beta_end, prediction_type=c.prediction_type, clip_sample=False)
+        s.set_timesteps(total, device=pipe.device)
+        if steps < total:
+            s.timesteps = s.timesteps[:steps]
+        return s
+
+    context, _ = attribute_context(pipe, batch)
+    g = torch.Generator().manual_seed(seed)
+    res: dict[str, Any] = {"measured_steps": steps}
+    with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # MONAI's DDPM step draws its noise from the global RNG
+        noise = torch.randn((batch, *pipe.config.label_latent_shape), generator=g).to(pipe.device)
+        sched = ddpm()
+        inferer = LatentDiffusionInferer(sched, scale_factor=pipe.config.label_scale_factor)
+        logits, t, m = timed(device, memory, lambda: inferer.sample(
+            input_noise=noise, autoencoder_model=pipe.label_autoencoder, diffusion_model=pipe.label_unet,
+            scheduler=sched, conditioning=context, mode="crossattn", verbose=False))
+        labels = logits.argmax(1, keepdim=True)
+        zl = torch.randn((batch, *pipe.config.label_latent_shape), generator=g).to(pipe.device)
+        _, t_dec, _ = timed(device, memory, lambda: pipe.label_autoencoder.decode_stage_2_outputs(
+            zl / pipe.config.label_scale_factor))
+        res["label_total_s"] = (t - t_dec) * total / steps + t_dec
+        res["label_decode_s"], res["label_peak"] = t_dec, m
+
+        noise = torch.randn((batch, *pipe.config.image_latent_shape), generator=g).to(pipe.device)
+        sched = ddpm()
+        inferer = ControlNetLatentDiffusionInferer(sched, scale_factor=pipe.config.image_scale_factor)
+        cond = pipe.one_hot(labels)
+
+        def image_stage():
+            # ControlNetLatentDiffusionInferer.sample minus its resize of the condition to latent size
+            latent = ControlNetDiffusionInferer.sample(
+                inferer, input_noise=noise, diffusion_model=pipe.image_unet, controlnet=pipe.image_controlnet,
+                cn_cond=cond, scheduler=sched, verbose=False)
+            return pipe.image_autoencoder.decode_stage_2_outputs(latent / inferer.scale_factor)
+
+        _, t, m = timed(device, memory, image_stage)
+        _, t_dec, _ = timed(device, memory, lambda: pipe.image_autoencoder.decode_stage_2_outputs(
+            noise / pipe.config.image_scale_factor))
+        res["image_total_s"] = (t - t_dec) * total / steps + t_dec
+        res["image_decode_s"], res["image_peak"] = t_dec, m
+    res["latency_s"] = res["label_total_s"] + res["image_total_s"]
+    res["pairs_per_s"] = batch / res["latency_s"]
+    res["extrapolated"] = steps < total
+    return res
+
+
+# ------------------------------------------------------------------------------------------- parity
+def label_volume_stats(labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """Per-class voxel counts of int labels (N, 1, H, W, D): mean, std and the share of empty maps."""
+    counts = torch.stack([(labels == k).flatten(1).sum(1).float() for k in range(num_classes)], 1)  # (N, K)
+    return {
+        "mean_voxels": counts.mean(0).tolist(),
+        "std_voxels": counts.std(0).tolist() if counts.shape[0] > 1 else [0.0] * num_classes,
+        "empty_fraction": (counts[:, 1:] == 0).float().mean(0).tolist(),
+    }
+
+
+def parity(pipe, device, dtype: str, n: int, seed: int = 1000) -> dict[str, Any]:
+    """Label-volume statistics: duodiff DDIM-50 (``dtype``) vs MONAI DDPM-1000 fp32, N maps each."""
+    from monai.inferers import LatentDiffusionInferer
+    from monai.networks.schedulers import DDPMScheduler
+
+    k = pipe.config.num_classes
+    t0 = time.perf_counter()
+    fast = pipe.sample_labels(n, seed=seed, num_inference_steps=50, scheduler="ddim", dtype=dtype, progress=False)
+    t_fast = time.perf_counter() - t0
+    c = pipe.config.scheduler
+    sched = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, schedule=c.schedule, beta_start=c.beta_start,
+                          beta_end=c.beta_end, prediction_type=c.prediction_type, clip_sample=False)
+    sched.set_timesteps(1000, device=pipe.device)
+    context, _ = attribute_context(pipe, n)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        noise = torch.randn((n, *pipe.config.label_latent_shape)).to(pipe.device)
+        logits = LatentDiffusionInferer(sched, scale_factor=pipe.config.label_scale_factor).sample(
+            input_noise=noise, autoencoder_model=pipe.label_autoencoder, diffusion_model=pipe.label_unet,
+            scheduler=sched, conditioning=context, mode="crossattn", verbose=False)
+    base = logits.argmax(1, keepdim=True).cpu()
+    t_base = time.perf_counter() - t0
+    sf, sb = label_volume_stats(fast.cpu(), k), label_volume_stats(base, k)
+    rel = [abs(a - b) / max(b, 1e-9) for a, b in zip(sf["mean_voxels"][1:], sb["mean_voxels"][1:])]
+    return {
+        "num_samples": n, "fast": f"duodiff DDIM-50 {SHORT[dtype]}", "baseline": "MONAI LatentDiffusionInferer "
+        "DDPM-1000 fp32", "fast_stats": sf, "baseline_stats": sb, "relative_difference": rel,
+        "max_relative_difference": max(rel), "passes_10_percent": max(rel) <= 0.10,
+        "label_names": list(pipe.config.label_names), "fast_seconds": t_fast, "baseline_seconds": t_base,
+    }
+
+
+# ------------------------------------------------------------------------------------------- seams
+def seam_check(pipe, device, dtype: str, fraction: float = 0.75) -> dict[str, Any]:
+    """Tiled vs whole decode of denoised-like latents (fresh noise) with tiles of ``fraction`` of each side."""
+    from duodiff.decoding import DEFAULT_HALO, DEFAULT_OVERLAP, decode, seam_report
+
+    out: dict[str, Any] = {}
+    g = torch.Generator().manual_seed(7)
+    mem = Memory(device)
+    for kind, ae, shape, scale in (
+        ("label", pipe.label_autoencoder, pipe.config.label_latent_shape, pipe.config.label_scale_factor),
+        ("image", pipe.image_autoencoder, pipe.config.image_latent_shape, pipe.config.image_scale_factor),
+    ):
+        z = (torch.randn((1, *shape), generator=g) / scale).to(pipe.device)
+        tile = tuple(max(4, math.ceil(s * fraction)) if s > 8 else s for s in shape[1:])
+        with autocast(device, dtype):
+            rep = seam_report(ae, z, tile_size=tile, kind=kind)
+            with torch.inference_mode():
+                _, t_whole, m_whole = timed(device, mem, lambda a=ae, z=z: decode(a, z, tile_size=None))
+                _, t_tiled, m_tiled = timed(device, mem, lambda a=ae, z=z, t=tile: decode(a, z, tile_size=t))
+        out[kind] = {**rep.to_dict(), "whole_s": t_whole, "tiled_s": t_tiled, "whole_peak": m_whole,
+                     "tiled_peak": m_tiled, "latent_shape": list(shape[1:]), "dtype": dtype,
+                     "overlap_default": DEFAULT_OVERLAP, "halo_default": DEFAULT_HALO}
+    return out
+
+
+# ------------------------------------------------------------------------------------------- report
+def environment(device: torch.device) -> dict[str, Any]:
+    import monai
+
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "device": str(device), "torch": torch.__version__, "monai": monai.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    with contextlib.suppress(OSError):
+        m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        info["cpu"] = m.group(1).strip() if m else platform.processor()
+    with contextlib.suppress(OSError, AttributeError):
+        info["load_average_start"] = list(os.getloadavg())
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version(), cudnn_benchmark=torch.backends.cudnn.benchmark)
+    return info
+
+
+def fmt_bytes(n: float | None) -> str:
+    return "-" if not n else f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    mem_kind = "CUDA max allocated" if env["device"].startswith("cuda") else "process peak RSS"
+    lines = [
+        f"# duodiff sampling benchmark ({env['device']})", "",
+        f"{env.get('gpu') or env.get('cpu', '')}; torch {env['torch']}, MONAI {env['monai']}, "
+        f"{env['torch_threads']} intra-op threads; {env['date']}.",
+        f"Command: `{env['command']}`. Load average at start: {env.get('load_average_start')}, "
+        f"end: {env.get('load_average_end')} (shared machine: timings are noisy).", "",
+        "Seconds per batch; `*` = long loop timed on its first steps and extrapolated per step. "
+        f"Peak memory: {mem_kind}, the largest of the four stages.", "",
+        "| preset | weights | dtype | sampler | batch | label denoise | label decode | image denoise | image decode "
+        "| latency | pairs/s | peak memory |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        star = "*" if r["extrapolated"] else ""
+        lines.append(
+            f"| {r['preset']} {r['volume_shape']} | {r['weights'].split(' ')[0]} | {SHORT[r['dtype']]} | "
+            f"{r['sampler']}{star} | {r['batch']} | {r['label_denoise_s']:.2f} | {r['label_decode_s']:.2f} | "
+            f"{r['image_denoise_s']:.2f} | {r['image_decode_s']:.2f} | {r['latency_s']:.2f} | "
+            f"{r['pairs_per_s']:.3f} | {fmt_bytes(r['peak_memory'])} |")
+    if result["baselines"]:
+        lines += ["", "## MONAI baseline (LatentDiffusionInferer + ControlNet inferer loop, DDPM-1000, fp32)", "",
+                  "| preset | batch | label stage s | image stage s | latency s | pairs/s | measured steps |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for b in result["baselines"]:
+            ex = " (extrapolated)" if b["extrapolated"] else ""
+            lines.append(f"| {b['preset']} | {b['batch']} | {b['label_total_s']:.1f} | {b['image_total_s']:.1f} | "
+                         f"{b['latency_s']:.1f} | {b['pairs_per_s']:.4f} | {b['measured_steps']}{ex} |")
+    if result["ratios"]:
+        lines += ["", "## Speed-ups (latency ratios, same run)", ""]
+        for r in result["ratios"]:
+            verdict = "" if r.get("target") is None else (
+                f" (target >= {r['target']}x: {'met' if r['value'] >= r['target'] else 'NOT met'})")
+            lines.append(f"- {r['name']}: **{r['value']:.1f}x**{verdict}")
+    if result.get("parity"):
+        p = result["parity"]
+        if "skipped" in p:
+            lines += ["", f"## Quality parity: skipped ({p['skipped']})"]
+        else:
+            lines += ["", f"## Quality parity ({p['num_samples']} label maps each)", "",
+                      "| class | " + " | ".join([p["fast"], p["baseline"], "relative difference"]) + " |",
+                      "|---|---:|---:|---:|"]
+            for i, name in enumerate(p["label_names"][1:]):
+                fs, bs = p["fast_stats"], p["baseline_stats"]
+                lines.append(f"| {name} | {fs['mean_voxels'][i + 1]:.0f} +- {fs['std_voxels'][i + 1]:.0f} | "
+                             f"{bs['mean_voxels'][i + 1]:.0f} +- {bs['std_voxels'][i + 1]:.0f} | "
+                             f"{p['relative_difference'][i]:.1%} |")
+            lines.append(f"\nMean foreground volumes (voxels) within 10 %: **{p['passes_10_percent']}** "
+                         f"(max difference {p['max_relative_difference']:.1%}).")
+    if result.get("seams"):
+        lines += ["", "## Tiled vs whole VAE decode", "",
+                  "| preset | stage | latent | tile | overlap | halo | mean abs diff | max abs diff | PSNR dB | "
+                  "label agreement | whole s | tiled s | whole peak | tiled peak |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for preset, s in result["seams"].items():
+            for kind, r in s.items():
+                psnr = "-" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}"
+                agree = "-" if r["label_agreement"] is None else f"{r['label_agreement']:.4f}"
+                lines.append(
+                    f"| {preset} | {kind} | {tuple(r['latent_shape'])} | {tuple(r['tile_size'])} | {r['overlap']} | "
+                    f"{r['halo']} | {r['mean_abs_diff']:.4f} | {r['max_abs_diff']:.3f} | {psnr} | {agree} | "
+                    f"{r['whole_s']:.2f} | {r['tiled_s']:.2f} | {fmt_bytes(r['whole_peak'])} | "
+                    f"{fmt_bytes(r['tiled_peak'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    presets = sorted({r["preset"] for r in rows}, key=lambda p: [r["preset"] for r in rows].index(p))
+    fig, axes = plt.subplots(1, len(presets), figsize=(6.5 * len(presets), 4.5), squeeze=False)
+    for ax, preset in zip(axes[0], presets):
+        sub = [r for r in rows if r["preset"] == preset]
+        labels = [f"{r['sampler']}{'*' if r['extrapolated'] else ''}\n{SHORT[r['dtype']]} B{r['batch']}" for r in sub]
+        stages = [("label_denoise_s", "label denoise"), ("label_decode_s", "label decode"),
+                  ("image_denoise_s", "image denoise"), ("image_decode_s", "image decode")]
+        bottom = [0.0] * len(sub)
+        for key, name in stages:
+            vals = [r[key] / r["batch"] for r in sub]
+            ax.bar(range(len(sub)), vals, bottom=bottom, label=name)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        for b in result["baselines"]:
+            if b["preset"] == preset:
+                ax.axhline(b["latency_s"] / b["batch"], color="k", ls="--", lw=1,
+                           label=f"MONAI DDPM-1000 fp32 B{b['batch']}")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(sub)), labels, fontsize=7)
+        ax.set_ylabel("seconds per pair (log)")
+        ax.set_title(f"{preset} {sub[0]['volume_shape']} ({sub[0]['weights'].split(' ')[0]} weights)")
+        ax.legend(fontsize=7)
+    env = result["environment"]
+    fig.suptitle(f"duodiff sampling, {env.get('gpu') or env.get('cpu', env['device'])}, torch {env['torch']}, "
+                 f"{env['torch_threads']} threads (* extrapolated)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--preset", nargs="+", default=["hippocampus", "paper"], choices=["hippocampus", "paper"])
+    p.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 + bfloat16 on CPU, float32 + float16 on CUDA")
+    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
+                   help="default: 1 4 (hippocampus) and 1 (paper) on CPU; 1 4 8 on CUDA")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="time at most this many steps of a loop and extrapolate (default CPU: 100 for hippocampus, "
+                        "2 for paper; CUDA: all)")
+    p.add_argument("--baseline-steps", type=int, default=None,
+                   help="MONAI DDPM steps actually run (rest extrapolated; default CPU: 1000 hippocampus / 2 paper; "
+                        "CUDA 1000); 0 skips the baseline")
+    p.add_argument("--model", default=None,
+                   help="trained model for the hippocampus rows and the parity check (default: the bundled model "
+                        "if installed; 'none' forces random weights)")
+    p.add_argument("--parity-samples", type=int, default=16, help="label maps per sampler for parity (0 skips)")
+    p.add_argument("--no-seams", action="store_true", help="skip the tiled-vs-whole decode check")
+    p.add_argument("--quick", action="store_true", help="smoke run: hippocampus, batch 1, 3 steps, no parity")
+    p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/bench_sampling_<device>)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+        torch.backends.cudnn.benchmark = True
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    dtypes = args.dtypes or ["float32", LOW_PRECISION[kind]]
+    low = LOW_PRECISION[kind] if LOW_PRECISION[kind] in dtypes else next((d for d in dtypes if d != "float32"), None)
+    if args.quick:
+        args.preset, args.parity_samples, args.no_seams = ["hippocampus"], 0, True
+        args.batch_sizes, args.max_steps, args.baseline_steps = [1], 3, 3
+    args.trained = find_trained_model(args.model)
+    out_prefix = Path(args.out) if args.out else RESULTS / f"bench_sampling_{kind}"
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+
+    def setting(preset: str, name: str):
+        given = getattr(args, name)
+        if given is not None:
+            return given
+        defaults = {
+            ("cpu", "hippocampus"): {"batch_sizes": [1, 4], "max_steps": 100, "baseline_steps": 1000},
+            ("cpu", "paper"): {"batch_sizes": [1], "max_steps": 2, "baseline_steps": 2},
+            ("cuda", "hippocampus"): {"batch_sizes": [1, 4, 8], "max_steps": 1000, "baseline_steps": 1000},
+            ("cuda", "paper"): {"batch_sizes": [1, 4, 8], "max_steps": 1000, "baseline_steps": 1000},
+        }
+        return defaults[(kind, preset)][name]
+
+    env = environment(device)
+    print(f"# {env.get('gpu') or env.get('cpu')} | torch {env['torch']} | threads {env['torch_threads']} | "
+          f"trained model: {args.trained}", flush=True)
+    pipes = load_pipelines(args, device)
+    mem = Memory(device)
+    result: dict[str, Any] = {"environment": env, "rows": [], "baselines": [], "ratios": [], "parity": None,
+                              "seams": {}}
+    t_start = time.perf_counter()
+    for preset, (pipe, weights) in pipes.items():
+        shape = "x".join(map(str, pipe.config.volume_shape))
+        for batch in setting(preset, "batch_sizes"):
+            for dtype in dtypes:
+                warm_up(pipe, device, dtype, batch)
+                decoded = None
+                for sampler_key in args.samplers:
+                    name, steps = SAMPLERS[sampler_key]
+                    max_steps = setting(preset, "max_steps")
+                    den, zl, zi = duodiff_denoise(pipe, device, mem, dtype, name, steps, batch, max_steps)
+                    if decoded is None:  # decode cost does not depend on the sampler
+                        decoded = duodiff_decode(pipe, device, mem, dtype, zl, zi)
+                    row = {"preset": preset, "volume_shape": shape, "weights": weights, "dtype": dtype,
+                           "sampler": sampler_key, "steps": steps, "batch": batch, **den, **decoded,
+                           "extrapolated": den["measured_steps"] < steps}
+                    row["latency_s"] = sum(row[k] for k in ("label_denoise_s", "label_decode_s", "image_denoise_s",
+                                                            "image_decode_s"))
+                    row["pairs_per_s"] = batch / row["latency_s"]
+                    row["peak_memory"] = max(row[k] for k in row if k.endswith("_peak"))
+                    result["rows"].append(row)
+                    star = "*" if row["extrapolated"] else " "
+                    print(f"{preset:11s} {SHORT[dtype]} {sampler_key:9s}{star} B{batch}: "
+                          f"{row['latency_s']:8.2f} s/batch  {row['pairs_per_s']:7.3f} pairs/s  "
+                          f"peak {fmt_bytes(row['peak_memory'])}  [{time.perf_counter() - t_start:.0f}s]", flush=True)
+        bsteps = setting(preset, "baseline_steps")
+        if bsteps:
+            b = monai_baseline(pipe, device, mem, min(bsteps, 1000), 1)
+            b.update(preset=preset, batch=1, volume_shape=shape)
+            result["baselines"].append(b)
+            how = f" (extrapolated from {bsteps} steps)" if b["extrapolated"] else ""
+            print(f"{preset:11s} MONAI DDPM-1000 fp32 B1{how}: {b['latency_s']:.1f} s/pair  "
+                  f"[{time.perf_counter() - t_start:.0f}s]", flush=True)
+        if not args.no_seams:
+            result["seams"][preset] = seam_check(pipe, device, "float32")
+            for k, r in result["seams"][preset].items():
+                print(f"{preset:11s} tiled {k} decode {tuple(r['tile_size'])}: mean |diff| {r['mean_abs_diff']:.4f}, "
+                      f"max {r['max_abs_diff']:.3f}, agreement {r['label_agreement']}, psnr {r['psnr_db']}", flush=True)
+
+    # speed-up ratios (batch 1 latency)
+    def find(preset, dtype, sampler, batch=1):
+        return next((r for r in result["rows"] if (r["preset"], r["dtype"], r["sampler"], r["batch"])
+                     == (preset, dtype, sampler, batch)), None)
+
+    for b in result["baselines"]:
+        fast = find(b["preset"], low, "ddim-50") if low else None
+        if fast:
+            result["ratios"].append({
+                "name": f"{b['preset']}: duodiff DDIM-50 {SHORT[low]} vs MONAI DDPM-1000 fp32 (batch 1)",
+                "value": b["latency_s"] / fast["latency_s"], "target": 20 if b["preset"] == "hippocampus" else None,
+                "baseline_extrapolated": b["extrapolated"]})
+    for preset in pipes:
+        for batch in setting(preset, "batch_sizes"):
+            f32, lp = find(preset, "float32", "ddim-50", batch), find(preset, low, "ddim-50", batch) if low else None
+            if f32 and lp:
+                result["ratios"].append({
+                    "name": f"{preset}: DDIM-50 {SHORT[low]} vs fp32 (batch {batch})",
+                    "value": f32["latency_s"] / lp["latency_s"],
+                    "target": 1.7 if (preset == "hippocampus" and batch == 1 and kind == "cpu") else None})
+    # parity on a trained model
+    if args.parity_samples and "hippocampus" in pipes and args.trained and low:
+        print(f"parity: {args.parity_samples} label maps, DDIM-50 {SHORT[low]} vs MONAI DDPM-1000 fp32 ...", flush=True)
+        result["parity"] = parity(pipes["hippocampus"][0], device, low, args.parity_samples)
+    elif args.parity_samples:
+        result["parity"] = {"skipped": "no trained model (pass --model or install the bundled one)"
+                            if not args.trained else "hippocampus preset not benchmarked"}
+    with contextlib.suppress(OSError, AttributeError):
+        env["load_average_end"] = list(os.getloadavg())
+    env["wall_seconds"] = time.perf_counter() - t_start
+
+    out_prefix.with_suffix(".json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    out_prefix.with_suffix(".md").write_text(markdown(result))
+    plot(result, out_prefix.with_suffix(".png"))
+    print()
+    for r in result["ratios"]:
+        verdict = "" if r["target"] is None else f"  (target >= {r['target']}x: " \
+            f"{'met' if r['value'] >= r['target'] else 'NOT met'})"
+        print(f"SPEED-UP {r['name']}: {r['value']:.1f}x{verdict}")
+    if result["parity"]:
+        p = result["parity"]
+        print("PARITY " + (f"skipped: {p['skipped']}" if "skipped" in p else
+                           f"max relative difference of mean class volumes {p['max_relative_difference']:.1%} "
+                           f"(within 10 %: {p['passes_10_percent']})"))
+    print(f"wrote {out_prefix}.json/.md/.png in {env['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Memory-bounded VAE decoding: exact strategies, the memory cap, and tiled-vs-whole tolerance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duodiff.decoding import (
+    check_tile_size,
+    decode,
+    estimate_decode_bytes,
+    peak_tensor_bytes,
+    resolve_tile_size,
+    seam_report,
+)
+from duodiff.testing import tiny_pipeline
+
+# Documented in docs/performance.md ("Tiled decoding"): default overlap (0.25) and halo (4), a 16^3
+# latent cut in two along the last axis (tile (16, 16, 8)), randomly initialised tiny preset.
+# Measured: image mean |diff| 0.008, label agreement 0.991; without the halo 0.058 and 0.919, so
+# these bounds catch a broken halo. (Tiles along all three axes, (8, 8, 8): 0.018 and 0.981.)
+IMAGE_MEAN_ABS_TOL = 0.03  # intensities in [0, 1]
+LABEL_AGREEMENT_TOL = 0.95  # fraction of voxels with the same class
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(volume_shape=(32, 32, 32))
+
+
+@pytest.fixture(scope="module")
+def latents():
+    """Two latents of the tiny autoencoders (factor 2): decoded volumes are 24^3."""
+    return torch.randn(2, 3, 12, 12, 12, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def big_latent():
+    """One 16^3 latent (32^3 volume): room for tiles with a halo inside the volume."""
+    return torch.randn(1, 3, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_tile_covering_the_latent_is_the_whole_decode(pipe, latents):
+    ae = pipe.image_autoencoder
+    with torch.inference_mode():
+        whole = decode(ae, latents, tile_size=None)
+        covering = decode(ae, latents, tile_size=64)  # clipped to the latent: whole volumes
+    assert whole.dtype == torch.float32 and tuple(whole.shape) == (2, 1, 24, 24, 24)
+    assert torch.equal(whole, covering)
+
+
+def test_auto_without_a_budget_on_cpu_decodes_whole_volumes(pipe, latents):
+    assert resolve_tile_size(pipe.image_autoencoder, latents.shape, "auto").tile is None
+
+
+def test_estimate_matches_measured_peak(pipe):
+    ae = pipe.image_autoencoder
+    z = torch.randn(1, 3, 12, 12, 12)
+    with torch.inference_mode():
+        measured = peak_tensor_bytes(lambda: ae.decode(z))
+        estimated = estimate_decode_bytes(ae, (12, 12, 12))
+    assert abs(estimated - measured) / measured < 0.15
+
+
+@pytest.mark.parametrize("num, fraction", [(2, 0.7), (1, 0.5)])
+def test_memory_cap_is_honoured(pipe, latents, num, fraction):
+    """A cap below the whole-batch peak forces sub-batches (2 volumes, 0.7) or tiles (1 volume, 0.5)."""
+    ae, z = pipe.image_autoencoder, latents[:num]
+    with torch.inference_mode():
+        whole_peak = peak_tensor_bytes(lambda: decode(ae, z, tile_size=None))
+        cap = int(fraction * whole_peak)
+        plan = resolve_tile_size(ae, z.shape, "auto", max_memory=cap)
+        assert (plan.tile is None) == (num == 2)
+        peak = peak_tensor_bytes(lambda: decode(ae, z, tile_size="auto", max_memory=cap))
+    assert peak <= cap, f"decode used {peak / 2**20:.2f} MiB with a {cap / 2**20:.2f} MiB cap"
+
+
+def test_sub_batches_are_exact_and_tiles_only_when_needed(pipe, latents):
+    ae = pipe.image_autoencoder
+    with torch.inference_mode():
+        per_volume = estimate_decode_bytes(ae, (12, 12, 12))
+        out_bytes = 4 * 24**3 * 2
+        plan = resolve_tile_size(ae, latents.shape, "auto", max_memory=per_volume + out_bytes + 1000)
+        assert (plan.volumes_per_call, plan.tile) == (1, None)
+        whole = decode(ae, latents, tile_size=None)
+        sub = decode(ae, latents, tile_size="auto", max_memory=per_volume + out_bytes + 1000)
+    torch.testing.assert_close(sub, whole, rtol=1e-4, atol=1e-4)
+    plan = resolve_tile_size(ae, latents.shape, "auto", max_memory=per_volume // 2)
+    assert plan.tile is not None and all(t <= 12 for t in plan.tile)
+
+
+def test_tiled_image_decode_matches_whole_within_tolerance(pipe, big_latent):
+    rep = seam_report(pipe.image_autoencoder, big_latent, tile_size=(16, 16, 8), kind="image")
+    assert rep.tile_size == (16, 16, 8) and rep.overlap == 0.25 and rep.halo == 4
+    assert 0 < rep.mean_abs_diff <= IMAGE_MEAN_ABS_TOL, rep
+    assert rep.psnr_db is not None and rep.psnr_db > 25
+    assert rep.label_agreement is None
+
+
+def test_tiled_label_decode_matches_whole_within_tolerance(pipe, big_latent):
+    rep = seam_report(pipe.label_autoencoder, big_latent, tile_size=(16, 16, 8), kind="label")
+    assert rep.label_agreement is not None and rep.label_agreement >= LABEL_AGREEMENT_TOL, rep
+
+
+def test_budget_too_small_raises_memory_error(pipe, latents):
+    with pytest.raises(MemoryError, match="Cannot decode within"), torch.inference_mode():
+        decode(pipe.image_autoencoder, latents, tile_size="auto", max_memory=1000)
+
+
+@pytest.mark.parametrize("bad", ["big", 0, -2, (4, 4), (4, 4, 0), 2.5, True])
+def test_bad_tile_sizes_are_rejected(bad):
+    with pytest.raises(ValueError, match="decode_tile_size"):
+        check_tile_size(bad)
+
+
+def test_bad_overlap_halo_and_kind_are_rejected(pipe, latents):
+    with pytest.raises(ValueError, match="overlap"):
+        decode(pipe.image_autoencoder, latents, tile_size=8, overlap=1.0)
+    with pytest.raises(ValueError, match="halo"):
+        decode(pipe.image_autoencoder, latents, tile_size=8, halo=-1)
+    with pytest.raises(ValueError, match="kind"):
+        seam_report(pipe.image_autoencoder, latents, tile_size=8, kind="mask")
+
+
+def test_pipeline_sample_with_tiled_decoding(pipe):
+    common = dict(seed=3, num_inference_steps=2, progress=False)
+    whole = pipe.sample(1, decode_tile_size=None, **common)
+    covering = pipe.sample(1, decode_tile_size=(16, 16, 16), **common)
+    tiled = pipe.sample(1, decode_tile_size=(16, 16, 8), **common)
+    assert torch.equal(whole.images, covering.images) and torch.equal(whole.labels, covering.labels)
+    assert tiled.images.shape == whole.images.shape and tiled.labels.dtype == torch.int64
+    assert not torch.equal(tiled.images, whole.images)  # the tiles were really used
+    assert (tiled.images - whole.images).abs().mean() <= IMAGE_MEAN_ABS_TOL
+    assert (tiled.labels == whole.labels).float().mean() >= LABEL_AGREEMENT_TOL
+
+
+def test_pipeline_rejects_bad_tile_size_before_sampling(pipe, monkeypatch):
+    def boom(*a, **k):  # pragma: no cover - must not be reached
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(pipe, "_generate_labels", boom)
+    with pytest.raises(ValueError, match="decode_tile_size"):
+        pipe.sample(1, seed=0, num_inference_steps=2, progress=False, decode_tile_size="huge")
