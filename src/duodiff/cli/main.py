@@ -23,6 +23,7 @@ COMMANDS = {
     "export": "export",
     "convert": "convert",
     "train": "train",
+    "bench": "bench",
 }
 
 #: Exceptions that mean "the user gave bad input": reported in one line with exit code 2.

@@ -1,0 +1,47 @@
+"""``duodiff bench``: run ``benchmarks/bench_sampling.py`` (sampling speed/memory vs MONAI's inferers).
+
+Every argument after ``bench`` goes to the benchmark script unchanged, e.g.
+``duodiff bench --device cuda --preset paper --batch-sizes 1 4 8 --dtypes float16``;
+``duodiff bench -h`` shows the script's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+SCRIPT = Path("benchmarks") / "bench_sampling.py"
+
+
+def add_parser(sub) -> None:
+    # prefix_chars="+": options such as --device belong to the benchmark script, not to this parser
+    p = sub.add_parser("bench", help="benchmark sampling speed and memory (benchmarks/bench_sampling.py)",
+                       description=__doc__.split("\n\n")[0], prefix_chars="+", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks/bench_sampling.py")
+    p.set_defaults(func=run)
+
+
+def script_path() -> Path:
+    """``benchmarks/bench_sampling.py`` of the source checkout this package runs from."""
+    import duodiff
+
+    path = Path(duodiff.__file__).resolve().parents[2] / SCRIPT
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{SCRIPT} not found next to this duodiff installation ({str(path)!r}). `duodiff bench` runs the "
+            "benchmark of a source checkout: clone the duodiff repository and `pip install -e .` it."
+        )
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    path = script_path()
+    spec = importlib.util.spec_from_file_location("duodiff_bench_sampling", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    rest = list(args.bench_args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    return int(module.main(rest) or 0)
