@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from duodiff import DuoDiffusion
@@ -96,7 +97,10 @@ def main() -> None:
     control = Path(args.control).read_text() if args.control else None
     from duodiff.hub import save_pipeline
 
-    save_pipeline(pipe, TARGET, card=card_text(pipe, run, quality, control))
+    # ship fp16 weights only (half the size); load_bundled() loads them back into float32 networks
+    if TARGET.exists():
+        shutil.rmtree(TARGET)
+    save_pipeline(pipe, TARGET, variant="fp16", card=card_text(pipe, run, quality, control))
     print(f"bundled model written to {TARGET}")
 
 

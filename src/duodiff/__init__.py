@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .bundled import load_bundled  # noqa: E402
 from .config import (  # noqa: E402
     AutoencoderConfig,
     ConfigError,
@@ -24,6 +25,7 @@ from .presets import PRESETS, make_config  # noqa: E402
 __all__ = [
     "__version__",
     "DuoDiffusion",
+    "load_bundled",
     "DuoSample",
     "PipelineConfig",
     "AutoencoderConfig",

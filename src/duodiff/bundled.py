@@ -26,8 +26,13 @@ def bundled_model_path(name: str = BUNDLED_MODEL) -> Path:
     return path
 
 
+#: The bundled weights are stored as fp16 safetensors (half the size) and loaded into float32 networks.
+BUNDLED_VARIANT = "fp16"
+
+
 def load_bundled(name: str = BUNDLED_MODEL, **kwargs: Any):
     """Load a bundled model offline: ``duodiff.load_bundled()``; kwargs go to ``from_pretrained``."""
     from .pipeline import DuoDiffusion
 
+    kwargs.setdefault("variant", BUNDLED_VARIANT)
     return DuoDiffusion.from_pretrained(bundled_model_path(name), **kwargs)

@@ -28,8 +28,9 @@ def add_model_argument(p: argparse.ArgumentParser, *, positional: bool = False) 
 
 
 def load_model(args: argparse.Namespace, *, device: str | None = None):
-    from ..bundled import bundled_model_path
+    from ..bundled import BUNDLED_VARIANT, bundled_model_path
     from ..pipeline import DuoDiffusion
 
-    source = args.model if args.model is not None else bundled_model_path()
-    return DuoDiffusion.from_pretrained(source, revision=args.revision, variant=args.variant, device=device)
+    if args.model is None:
+        return DuoDiffusion.from_pretrained(bundled_model_path(), variant=args.variant or BUNDLED_VARIANT, device=device)
+    return DuoDiffusion.from_pretrained(args.model, revision=args.revision, variant=args.variant, device=device)
