@@ -319,3 +319,14 @@ def test_cli_convert(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not empty" in err[0] and "--overwrite" in err[0]
     assert main([*_cli_args(paths, cfg_file, tmp_path / "model"), "--overwrite"]) == 0
+
+
+def test_nan_weights_are_refused(tiny_pipe, tmp_path):
+    state = {k: v.clone() for k, v in tiny_pipe.image_unet.state_dict().items()}
+    first = next(iter(state))
+    state[first][...] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=f"tensor '{first}' contains NaN or Inf"):
+        load_checkpoint(tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        import_component("image_unet", tiny_pipe.config, state)

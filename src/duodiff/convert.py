@@ -40,6 +40,7 @@ __all__ = [
     "read_pipeline_config",
     "load_checkpoint",
     "import_component",
+    "rename_old_controlnet_keys",
     "import_checkpoints",
     "convert_checkpoints",
 ]
@@ -146,10 +147,14 @@ def load_checkpoint(path: str | os.PathLike, *, key: str | None = None) -> dict[
     for prefix in _WRAPPER_PREFIXES:
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
+    _check_finite(state, repr(str(path)))
+    return state
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
     for k, v in state.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
-            raise ValueError(f"Checkpoint {str(path)!r}: tensor {k!r} contains NaN or Inf; the weights are broken.")
-    return state
+            raise ValueError(f"Checkpoint {source}: tensor {k!r} contains NaN or Inf; the weights are broken.")
 
 
 def _select_state_dict(obj: object, path: Path, key: str | None) -> dict[str, torch.Tensor]:
@@ -278,6 +283,7 @@ def import_component(
         raise ValueError(f"Unknown component {name!r}; expected one of {list(keys.COMPONENTS)}.")
     cfg = getattr(config, name)
     state = dict(state)
+    _check_finite(state, source)  # also keeps the NaN sentinel of _load_with_monai_legacy unambiguous
     module = build_component(name, config)
     if set(state) == set(module.state_dict()):
         load_state_strict(module, state, source=source, component=name)

@@ -260,7 +260,11 @@ class MixedBatchSampler(Sampler[list[int]]):
         self._plans: dict[int, list[tuple[int, int]]] = {}
         self._synthetic_offsets: dict[int, int] = {0: 0}
         self._permutations: dict[int, list[int]] = {}
-        self.batch_plan(0)  # validate the schedule now rather than in the first epoch
+        # validate the schedule now rather than mid-training: its first and last epochs hold the extreme
+        # fractions of the built-in (monotone) schedules
+        last = self.num_epochs - 1 if self.num_epochs and not self.schedule.is_constant else 0
+        for e in sorted({0, last}):
+            self.batch_plan(e)
 
     def __repr__(self) -> str:
         return (
