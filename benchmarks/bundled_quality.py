@@ -96,6 +96,7 @@ def to_markdown(s: dict, meta: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
+    ap.add_argument("--variant", default=None, choices=["fp16"], help="weights variant (the bundled model is fp16)")
     ap.add_argument("--data", required=True)
     ap.add_argument("--split", required=True)
     ap.add_argument("--subset", default="test")
@@ -104,6 +105,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1000)
+    ap.add_argument("--conditioning-scale", type=float, default=1.0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
@@ -113,16 +115,17 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = DuoDiffusion.from_pretrained(args.model)
+    pipe = DuoDiffusion.from_pretrained(args.model, variant=args.variant)
     names = list(pipe.config.label_names)
     real_img, real_lab, real_names = load_real(pipe, args.data, args.split, args.subset)
     t0 = time.perf_counter()
     s = pipe.sample(args.num_samples, seed=args.seed, num_inference_steps=args.steps, dtype=args.dtype,
-                    batch_size=args.batch_size, progress=not args.no_progress)
+                    batch_size=args.batch_size, conditioning_scale=args.conditioning_scale,
+                    progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     summary = summarise(label_stats(real_img, real_lab, names), label_stats(s.images, s.labels, names), names)
     meta = {"model": args.model, "subset": args.subset, "num_samples": args.num_samples, "num_real": len(real_names),
-            "sampler": f"DDIM-{args.steps} {args.dtype}", "seconds": seconds, "device": str(pipe.device),
+            "sampler": f"DDIM-{args.steps} {args.dtype}, conditioning_scale {args.conditioning_scale:g}", "seconds": seconds, "device": str(pipe.device),
             "seed": args.seed, "torch_threads": torch.get_num_threads()}
     (out / "quality.json").write_text(json.dumps({"meta": meta, **summary}, indent=2))
     (out / "quality.md").write_text(to_markdown(summary, meta))

@@ -39,6 +39,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
+    ap.add_argument("--variant", default=None, choices=["fp16"], help="weights variant (the bundled model is fp16)")
     ap.add_argument("--data", required=True)
     ap.add_argument("--split", required=True)
     ap.add_argument("--per-request", type=int, default=16, help="samples per percentile request")
@@ -58,7 +59,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = DuoDiffusion.from_pretrained(args.model)
+    pipe = DuoDiffusion.from_pretrained(args.model, variant=args.variant)
     c = pipe.config
     if "volume" not in c.attributes:
         raise SystemExit(f"{args.model} is not volume-conditioned (attributes={list(c.attributes)}).")
