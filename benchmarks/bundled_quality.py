@@ -125,7 +125,8 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     summary = summarise(label_stats(real_img, real_lab, names), label_stats(s.images, s.labels, names), names)
     meta = {"model": args.model, "subset": args.subset, "num_samples": args.num_samples, "num_real": len(real_names),
-            "sampler": f"DDIM-{args.steps} {args.dtype}, conditioning_scale {args.conditioning_scale:g}", "seconds": seconds, "device": str(pipe.device),
+            "sampler": f"DDIM-{args.steps} {args.dtype}, conditioning_scale {args.conditioning_scale:g}",
+            "seconds": seconds, "device": str(pipe.device),
             "seed": args.seed, "torch_threads": torch.get_num_threads()}
     (out / "quality.json").write_text(json.dumps({"meta": meta, **summary}, indent=2))
     (out / "quality.md").write_text(to_markdown(summary, meta))

@@ -32,5 +32,6 @@ def load_model(args: argparse.Namespace, *, device: str | None = None):
     from ..pipeline import DuoDiffusion
 
     if args.model is None:
-        return DuoDiffusion.from_pretrained(bundled_model_path(), variant=args.variant or BUNDLED_VARIANT, device=device)
+        variant = args.variant or BUNDLED_VARIANT
+        return DuoDiffusion.from_pretrained(bundled_model_path(), variant=variant, device=device)
     return DuoDiffusion.from_pretrained(args.model, revision=args.revision, variant=args.variant, device=device)
