@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from duodiff.distributed import DistributedContext, env_world, finalize_folder, shard_seeds
@@ -20,6 +20,7 @@ from duodiff.output import sample_name
 from duodiff.testing import tiny_pipeline
 
 
+@settings(deadline=None)  # the machine is shared: no per-example time limit
 @given(st.lists(st.integers(0, 10**9), unique=True, max_size=60), st.integers(1, 9))
 def test_shards_are_disjoint_complete_and_balanced(seeds, world):
     shards = [shard_seeds(seeds, r, world) for r in range(world)]
