@@ -143,3 +143,19 @@ def test_conditioned_label_unet_trains_and_stores_stats(tmp_path):
     out = pipe.sample(2, seed=0, num_inference_steps=2, progress=False, class_volumes={"outer": 1.0},
                       guidance_scale=2.0)
     assert out.labels.shape == (2, 1, 16, 16, 16)
+
+
+def test_synthetic_dataset_applies_qc(tmp_path):
+    from duodiff import SyntheticPairDataset
+
+    pipe = tiny_pipeline(label_names=NAMES)
+    first = pipe.sample(2, seed=0, num_inference_steps=2, progress=False)
+    liar = OneHotOf(torch.zeros_like(first.labels))
+    ds = SyntheticPairDataset(pipe, num_samples=2, num_inference_steps=2,
+                              sample_kwargs={"qc": liar, "qc_threshold": 0.5, "max_retries": 1})
+    item = ds[0]
+    assert item["seed"] != 0  # regenerated with a retry seed
+    plain = SyntheticPairDataset(pipe, num_samples=2, num_inference_steps=2)
+    assert plain[0]["seed"] == 0
+    with pytest.raises(ValueError, match="unknown option"):
+        SyntheticPairDataset(pipe, num_samples=2, sample_kwargs={"qcc": liar})

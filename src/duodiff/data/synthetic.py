@@ -14,6 +14,7 @@ Items are MONAI-style dicts ``{"image": MetaTensor (C, H, W, D) float32 in [0, 1
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import itertools
@@ -157,6 +158,10 @@ class SyntheticPairDataset(Dataset):
             config and weights and the generation settings; do not change the weights while caching.
         pool_size: streaming only: number of ready pairs kept in memory (at most
             ``pool_size + generation_batch_size`` pairs exist at once).
+        sample_kwargs: extra ``DuoDiffusion.sample`` options applied to every generation call: any of
+            ``class_volumes``, ``guidance_scale``, ``volume_tolerance``, ``qc``, ``qc_threshold``, ``max_retries``,
+            ``decode_tile_size`` (see :doc:`control`). With ``qc`` or ``volume_tolerance`` an item's ``"seed"`` is
+            the seed that produced the accepted pair.
         generation_batch_size: streaming only: pairs per generation call. Values of streamed pairs are
             reproducible for a fixed batch size; with ``1`` they equal the map-style items bit for bit.
         rank: streaming only: this process's DDP rank (default: from ``torch.distributed``).
@@ -186,6 +191,7 @@ class SyntheticPairDataset(Dataset):
         generation_batch_size: int = 4,
         rank: int | None = None,
         world_size: int | None = None,
+        sample_kwargs: dict[str, Any] | None = None,
     ) -> None:
         from ..pipeline import DuoDiffusion
         from ..schedulers import check_num_inference_steps
@@ -228,6 +234,16 @@ class SyntheticPairDataset(Dataset):
             "dtype": None if dtype is None else str(dtype),
             "conditioning_scale": float(conditioning_scale),
         }
+        allowed = {"class_volumes", "guidance_scale", "volume_tolerance", "qc", "qc_threshold", "max_retries",
+                   "decode_tile_size"}
+        unknown = sorted(set(sample_kwargs or {}) - allowed)
+        if unknown:
+            raise ValueError(f"sample_kwargs has unknown option(s) {unknown}; allowed: {sorted(allowed)}.")
+        self.sample_kwargs = dict(sample_kwargs or {})
+        if self.sample_kwargs:  # part of the cache fingerprint (a qc module by its class and threshold)
+            self.generation["sample_kwargs"] = repr(sorted(
+                (k, type(v).__name__ if k == "qc" else v) for k, v in self.sample_kwargs.items()
+            ))
         self._dtype = dtype
         self.transform = transform
         self.pool_size = pool_size
@@ -266,6 +282,7 @@ class SyntheticPairDataset(Dataset):
         self.num_samples = len(cases)
         self.seed = 0
         self.generation = {}
+        self.sample_kwargs = {}
         self._dtype = None
         self.transform = transform
         self.pool_size = self.generation_batch_size = 1
@@ -346,7 +363,7 @@ class SyntheticPairDataset(Dataset):
         g = self.generation
         out = self.pipe.sample(len(seeds), seed=list(seeds), num_inference_steps=g["num_inference_steps"],
                                scheduler=g["scheduler"], dtype=self._dtype,
-                               conditioning_scale=g["conditioning_scale"], progress=False)
+                               conditioning_scale=g["conditioning_scale"], progress=False, **self.sample_kwargs)
         return [_as_item(out.images[i], out.labels[i], out.affine, s) for i, s in enumerate(out.seeds)]
 
     def cache_path(self, seed: int) -> Path:
@@ -414,6 +431,28 @@ class SyntheticPairDataset(Dataset):
         self._epoch = epoch
 
 
+#: (stop event, thread) of every running generation pool; stopped and joined at interpreter exit so a
+#: thread still inside a torch op cannot abort the process ("terminate called without an active exception").
+_LIVE_POOLS: set[tuple[threading.Event, threading.Thread]] = set()
+_JOIN_TIMEOUT_S = 300.0
+
+
+def _stop_pool(stop: threading.Event, thread: threading.Thread) -> None:
+    """Stop a pool thread and wait for its current generation call to finish."""
+    stop.set()
+    if thread is not threading.current_thread():
+        thread.join(_JOIN_TIMEOUT_S)
+    _LIVE_POOLS.discard((stop, thread))
+
+
+@atexit.register
+def _stop_all_pools() -> None:
+    for stop, _ in list(_LIVE_POOLS):
+        stop.set()
+    for stop, thread in list(_LIVE_POOLS):
+        _stop_pool(stop, thread)
+
+
 class _Failure:
     """Carries an exception from the generation thread to the consumer."""
 
@@ -426,8 +465,9 @@ class StreamingSyntheticPairDataset(SyntheticPairDataset, IterableDataset):
 
     Iterating starts a daemon thread that generates ``generation_batch_size`` pairs at a time on the
     model's device (its own CUDA stream on GPUs) and keeps up to ``pool_size`` of them ready; the
-    consumer takes pairs in seed order and only waits when the pool is empty. The thread stops when
-    the iterator is closed or garbage-collected. Errors in the thread are re-raised in the consumer.
+    consumer takes pairs in seed order and only waits when the pool is empty. Closing (or dropping)
+    the iterator stops the thread after its current generation call, and waits for that call; so does
+    interpreter exit. Errors in the thread are re-raised in the consumer.
 
     With DataLoader workers each worker runs its own thread over its own seed stream. On CUDA prefer
     ``num_workers=0``: the thread already overlaps generation with training.
@@ -459,6 +499,7 @@ class StreamingSyntheticPairDataset(SyntheticPairDataset, IterableDataset):
         stop = threading.Event()
         thread = threading.Thread(target=self._produce, args=(seeds, pool, stop), daemon=True,
                                   name="duodiff-synthetic-pool")
+        _LIVE_POOLS.add((stop, thread))
         thread.start()
         try:
             while True:
@@ -474,7 +515,7 @@ class StreamingSyntheticPairDataset(SyntheticPairDataset, IterableDataset):
                     ) from item.exc
                 yield item
         finally:
-            stop.set()
+            _stop_pool(stop, thread)
 
     def _produce(self, seeds: Iterator[int], pool: queue.Queue, stop: threading.Event) -> None:
         def put(obj: Any) -> bool:
