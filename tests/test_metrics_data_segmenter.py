@@ -15,6 +15,15 @@ from duodiff.segmenter import SliceSegmenter, plane_slices, plane_stack, train_s
 from duodiff.testing import phantom_pair
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small convolutions run faster on one thread than on two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _folder(root: Path, n: int, shape=(18, 20, 17), *, nnunet: bool = True, spacing=(1.0, 1.0, 1.0)) -> Path:
     for i in range(n):
         img, lab = phantom_pair(shape, num_classes=3, seed=i)

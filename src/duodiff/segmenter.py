@@ -121,8 +121,8 @@ class SliceSegmenter(nn.Module):
 
     @property
     def encoder(self) -> SliceEncoder:
-        """Slice feature network for FID / MMD (shares weights with this segmenter)."""
-        return SliceEncoder(self.unet)
+        """Slice feature network for FID / MMD (shares weights and train/eval mode with this segmenter)."""
+        return SliceEncoder(self.unet).train(self.training)
 
     @property
     def feature_dim(self) -> int:

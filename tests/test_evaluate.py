@@ -1,0 +1,153 @@
+"""`duodiff.metrics.evaluate` + `write_report`, and the `duodiff evaluate` command end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import run_cli
+from duodiff.cli.main import main
+from duodiff.io import spacing_affine, write_nifti
+from duodiff.metrics import PairSet, evaluate, write_report
+from duodiff.testing import phantom_pair, tiny_pipeline
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small convolutions run faster on one thread than on two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _phantom_set(seeds, shape=(16, 16, 16)) -> PairSet:
+    pairs = [phantom_pair(shape, num_classes=3, seed=s) for s in seeds]
+    images = (torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None] / 1000.0).clamp(0, 1)
+    labels = torch.from_numpy(np.stack([p[1] for p in pairs])).long()[:, None]
+    return PairSet(images, labels, (1.0, 1.0, 1.0), [f"p{s}" for s in seeds])
+
+
+class ThresholdOracle(nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        ids = (images[:, 0] > 0.25).long() + (images[:, 0] > 0.575).long()
+        return F.one_hot(ids, 3).movedim(-1, 1).float()
+
+
+class PoolNet(nn.Module):
+    """Deterministic slice features: average intensities over a 4x4 grid (16 numbers)."""
+
+    def forward(self, slices: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(slices, 4).flatten(1)
+
+
+def _write_folder(root: Path, seeds, shape=(18, 20, 17)) -> Path:
+    for s in seeds:
+        img, lab = phantom_pair(shape, num_classes=3, seed=s)
+        write_nifti(root / "imagesTr" / f"case_{s:03d}_0000.nii.gz", img, spacing_affine((1, 1, 1)))
+        write_nifti(root / "labelsTr" / f"case_{s:03d}.nii.gz", lab, spacing_affine((1, 1, 1)))
+    return root
+
+
+def test_evaluate_identical_vs_shifted():
+    real = _phantom_set(range(6))
+    same = evaluate(real, _phantom_set(range(6)), num_classes=3, label_names=["bg", "outer", "inner"],
+                    segmenter=ThresholdOracle(), feature_network=PoolNet(), progress=False)
+    m = same.metrics
+    assert m["fid_2p5d"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert m["mmd"]["mmd2"] == pytest.approx(0.0, abs=1e-12)
+    assert m["labels"]["classes"]["outer"]["wasserstein_mm3"] == 0.0
+    assert m["pair_consistency"]["synthetic"]["mean_dice"] == pytest.approx(1.0)
+    assert m["memorization"]["num_flagged"] == 6  # every "synthetic" image is a copy
+    assert m["ms_ssim"]["synthetic"]["mean"] == pytest.approx(m["ms_ssim"]["real"]["mean"])
+    assert same.real_volumes.shape == (6, 2)
+    json.dumps(m)  # serialisable
+
+    darker = _phantom_set(range(10, 16))
+    darker.images = darker.images * 0.6
+    shifted = evaluate(real, darker, num_classes=3, segmenter=ThresholdOracle(), feature_network=PoolNet(),
+                       progress=False)
+    s = shifted.metrics
+    assert s["fid_2p5d"]["mean"] > 10 * max(m["fid_2p5d"]["mean"], 1e-6)
+    assert s["fid_2p5d"]["mean"] > s["fid_2p5d"]["real_split_half"]["mean"]
+    assert s["mmd"]["mmd2"] > s["mmd"]["real_split_half"]
+    assert s["pair_consistency"]["synthetic"]["mean_dice"] < 0.9  # the oracle's thresholds no longer fit
+    assert s["memorization"]["num_flagged"] < 6
+
+
+def test_evaluate_rejects_mismatched_sets():
+    real = _phantom_set(range(3))
+    with pytest.raises(ValueError, match="differ"):
+        evaluate(real, _phantom_set(range(3), shape=(16, 16, 12)), num_classes=3, segmenter=ThresholdOracle(),
+                 feature_network=PoolNet())
+    with pytest.raises(ValueError, match="range"):
+        evaluate(real, _phantom_set(range(3)), num_classes=2, segmenter=ThresholdOracle(), feature_network=PoolNet())
+    with pytest.raises(TypeError, match="feature_network"):
+        evaluate(real, _phantom_set(range(3)), num_classes=3, segmenter=ThresholdOracle())
+
+
+def test_write_report_files(tmp_path):
+    pytest.importorskip("matplotlib")
+    real, synth = _phantom_set(range(4)), _phantom_set(range(4, 8))
+    ev = evaluate(real, synth, num_classes=3, segmenter=ThresholdOracle(), feature_network=PoolNet(),
+                  progress=False)
+    written = write_report(ev, tmp_path, real=real, synthetic=synth, num_montage=2)
+    for name in ("report.json", "report.md", "montage.png", "label_volumes.png", "memorization.png"):
+        assert (tmp_path / name).is_file(), name
+        assert (tmp_path / name).stat().st_size > 0
+    assert "segmenter.safetensors" not in written  # the oracle was given, not trained
+    md = (tmp_path / "report.md").read_text()
+    assert "FID-2.5D mean" in md and "| class_1 |" in md and "![" in md
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["figures"]["label volume distributions"] == "label_volumes.png"
+
+
+def test_cli_evaluate_end_to_end(tmp_path):
+    """The real command in a subprocess: tiny model vs a folder of phantom pairs; segmenter trained here."""
+    model = tmp_path / "model"
+    tiny_pipeline().save_pretrained(model)
+    real = _write_folder(tmp_path / "real", range(6))
+    out = tmp_path / "out"
+    proc = run_cli(["evaluate", "--model", str(model), "--real", str(real), "-n", "4", "--steps", "2",
+                    "--segmenter-steps", "3", "--out", str(out), "--cases", "case_000,case_001,case_002,case_003",
+                    "--save-synthetic", "--no-progress"])
+    assert proc.returncode == 0, proc.stderr
+    for name in ("report.json", "report.md", "montage.png", "label_volumes.png", "memorization.png",
+                 "segmenter.safetensors", "segmenter.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["setup"]["num_real"] == 4 and report["setup"]["num_synthetic"] == 4
+    assert report["setup"]["synthetic_source"] == "generated"
+    assert "percentile" in report["setup"]["preprocessing"]
+    assert report["fid_2p5d"]["mean"] >= 0 and "real_split_half" in report["fid_2p5d"]
+    assert set(report["pair_consistency"]) == {"synthetic", "real_heldout"}
+    assert len(list((out / "synthetic" / "labelsTr").glob("*.nii.gz"))) == 4
+    assert "FID-2.5D" in proc.stderr
+
+    # reuse the saved segmenter on the saved synthetic folder, in-process, without a model
+    out2 = tmp_path / "out2"
+    code = main(["evaluate", "--synthetic", str(out / "synthetic"), "--real", str(real), "--segmenter", str(out),
+                 "--out", str(out2), "--no-progress"])
+    assert code == 0
+    again = json.loads((out2 / "report.json").read_text())
+    assert again["setup"]["segmenter"]["trained_here"] is False
+    assert again["setup"]["num_real"] == 6
+    assert not (out2 / "segmenter.safetensors").exists()
+
+
+def test_cli_evaluate_bad_input(tmp_path, capsys):
+    real = _write_folder(tmp_path / "real", range(2))
+    assert main(["evaluate", "--synthetic", str(tmp_path / "missing"), "--real", str(real),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "imagesTr" in capsys.readouterr().err
+    assert main(["evaluate", "--synthetic", str(real), "--real", str(real), "--out", str(tmp_path / "o")]) == 2
+    assert "--normalize-synthetic" in capsys.readouterr().err
+    assert main(["evaluate", "--synthetic", str(real), "--real", str(real), "--cases", "nope",
+                 "--normalize-synthetic", "--out", str(tmp_path / "o")]) == 2
+    assert "nope" in capsys.readouterr().err
