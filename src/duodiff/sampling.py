@@ -127,8 +127,8 @@ def denoise(
             return scheduler.step(out, t, x)[0]
 
     x = latents.float()
-    for t in tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False):
-        t_int = int(t)
+    # the timesteps as Python ints, read once: int(t) of a CUDA tensor would sync the host at every step
+    for t_int in tqdm(scheduler.timesteps.tolist(), desc=desc, disable=not progress, leave=False):
         t_batch = torch.full((batch,), t_int, device=x.device, dtype=torch.long)
         # 1. predict noise (or v / x0) with the UNet (+ ControlNet residuals)
         out = predict(x, t_batch)
