@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,17 +57,26 @@ def make_stream(pipe, args, seed=0):
 
 
 # ------------------------------------------------------------------------------------------ 1. throughput
+def in_thread(fn):
+    """Run ``fn`` in a separate thread (as the stream's pool does) and return its result."""
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.setdefault("result", fn()))
+    t.start()
+    t.join()
+    return out["result"]
+
+
 def bench_throughput(pipe, args) -> dict:
-    n = args.throughput_samples
-    pipe.sample(args.generation_batch_size, seed=10**6, num_inference_steps=args.steps, dtype=args.dtype,
-                progress=False)  # warm-up
-    t = time.perf_counter()
-    done = 0
-    while done < n:
-        pipe.sample(args.generation_batch_size, seed=done, num_inference_steps=args.steps, dtype=args.dtype,
-                    progress=False)
-        done += args.generation_batch_size
-    raw = done / (time.perf_counter() - t)
+    n, b = args.throughput_samples, args.generation_batch_size
+
+    def raw_loop() -> float:
+        pipe.sample(b, seed=10**6, num_inference_steps=args.steps, dtype=args.dtype, progress=False)  # warm-up
+        t = time.perf_counter()
+        for start in range(0, n, b):
+            pipe.sample(b, seed=start, num_inference_steps=args.steps, dtype=args.dtype, progress=False)
+        return math.ceil(n / b) * b / (time.perf_counter() - t)
+
+    raw = in_thread(raw_loop)
     it = iter(make_stream(pipe, args))
     next(it)  # thread start + first batch
     t = time.perf_counter()
@@ -107,51 +118,46 @@ def train_step(net, opt, loss_fn, x, y):
     opt.step()
 
 
-def bench_wait(pipe, args, channels, label) -> dict:
+def bench_wait(pipe, args, *, channels, fraction, pool_size, steps, gen_s_per_pair, label) -> dict:
+    """A training loop over mix_loaders(real in-memory loader, stream): time in next() vs time training."""
     net, opt, loss_fn = trainer(channels)
-    # training alone (synthetic samples taken from a list): the step time without any data wait
-    pre = pipe.sample(4, seed=0, num_inference_steps=args.steps, progress=False)
     shape = tuple(pipe.config.volume_shape)
-    x = torch.cat([torch.rand(3, 1, *shape), pre.images[:1]])
-    y = torch.cat([torch.zeros(3, 1, *shape, dtype=torch.long), pre.labels[:1]])
-    for _ in range(3):
-        train_step(net, opt, loss_fn, x, y)
-    t = time.perf_counter()
-    for _ in range(args.train_steps // 2):
-        train_step(net, opt, loss_fn, x, y)
-    step_alone = (time.perf_counter() - t) / (args.train_steps // 2)
-
-    mixed = mix_loaders(real_loader(shape), make_stream(pipe, args, seed=1000), synthetic_fraction=0.25,
-                        keys=("image", "label"))
-    waits, steps = [], []
+    stream = SyntheticPairDataset(pipe, num_samples=None, seed=1000, num_inference_steps=args.steps,
+                                  pool_size=pool_size, generation_batch_size=min(args.generation_batch_size, pool_size),
+                                  dtype=args.dtype)
+    mixed = mix_loaders(real_loader(shape), stream, synthetic_fraction=fraction, keys=("image", "label"))
+    waits, trains, n_syn = [], [], []
     start = time.perf_counter()
-    done = 0
-    while done < args.train_steps:
+    while len(trains) < steps:
         it = iter(mixed)
-        while done < args.train_steps:
+        while len(trains) < steps:
             t0 = time.perf_counter()
             try:
-                xb, yb, _ = next(it)
+                xb, yb, flag = next(it)
             except StopIteration:
                 break
             t1 = time.perf_counter()
             train_step(net, opt, loss_fn, xb, yb)
-            t2 = time.perf_counter()
             waits.append(t1 - t0)
-            steps.append(t2 - t0)
-            done += 1
+            trains.append(time.perf_counter() - t1)
+            n_syn.append(int(flag.sum()))
     total = time.perf_counter() - start
     warm = args.warmup_steps
+    train_s = float(np.mean(trains[warm:]))
+    demand = float(np.mean(n_syn))
     return {
         "scenario": label,
         "trainer_channels": list(channels),
-        "train_steps": len(steps),
-        "train_step_alone_s": step_alone,
-        "synthetic_per_step": 1,
+        "synthetic_fraction": fraction,
+        "synthetic_per_step": demand,
+        "pool_size": pool_size,
+        "train_steps": len(trains),
+        "train_s_per_step": train_s,
+        "generation_s_per_step": demand * gen_s_per_pair,
+        "generation_to_training_ratio": demand * gen_s_per_pair / train_s,
         "wait_fraction_all": float(sum(waits) / total),
-        "wait_fraction_steady": float(sum(waits[warm:]) / sum(steps[warm:])),
+        "wait_fraction_steady": float(sum(waits[warm:]) / (sum(waits[warm:]) + sum(trains[warm:]))),
         "first_step_wait_s": float(waits[0]),
-        "mean_step_s": float(np.mean(steps[warm:])),
     }
 
 
@@ -209,22 +215,25 @@ def write_report(res: dict, out: Path) -> None:
         "",
         "| source | pairs/s |",
         "|---|---|",
-        f"| `pipe.sample` in a loop (upper bound) | {tp['pipe_sample_pairs_per_s']:.1f} |",
+        f"| `pipe.sample` in a loop (one thread, no pool) | {tp['pipe_sample_pairs_per_s']:.1f} |",
         f"| streaming dataset, consumer doing nothing | {tp['stream_pairs_per_s']:.1f} |",
         f"| streaming dataset over {mem['num_samples']:,} pairs (RSS run) | {mem['pairs_per_s']:.1f} |",
         "",
         "## Time a training loop waits for synthetic data",
         "",
-        "MONAI UNet + DiceLoss, batches of 3 real + 1 synthetic (`mix_loaders`, `synthetic_fraction=0.25`).",
+        "MONAI UNet + DiceLoss on batches from `mix_loaders` (3 in-memory real samples + streamed synthetic ones). "
+        "`wait` = share of the loop's time spent in `next(batch)`; generation time per step = synthetic pairs per "
+        "step / streaming throughput (ratio < 1: generation is faster than training).",
         "",
-        "| scenario | train step alone | mean step in loop | wait (steady state) | wait (incl. first batch) |",
-        "|---|---|---|---|---|",
+        "| scenario | synthetic/step | pool | train step | generation/step | ratio | wait (steady) "
+        "| wait (incl. first batch) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for w in res["wait"]:
         lines.append(
-            f"| {w['scenario']} (UNet channels {tuple(w['trainer_channels'])}) "
-            f"| {w['train_step_alone_s'] * 1e3:.0f} ms "
-            f"| {w['mean_step_s'] * 1e3:.0f} ms | {w['wait_fraction_steady'] * 100:.1f} % "
+            f"| {w['scenario']} (UNet {tuple(w['trainer_channels'])}) | {w['synthetic_per_step']:.0f} "
+            f"| {w['pool_size']} | {w['train_s_per_step'] * 1e3:.0f} ms | {w['generation_s_per_step'] * 1e3:.0f} ms "
+            f"| {w['generation_to_training_ratio']:.2f} | {w['wait_fraction_steady'] * 100:.1f} % "
             f"| {w['wait_fraction_all'] * 100:.1f} % |"
         )
     lines += [
@@ -257,11 +266,11 @@ def write_report(res: dict, out: Path) -> None:
     a.set_ylabel("RSS (MiB)")
     a.set_ylim(0, max(r) * 1.2)
     a.set_title(f"RSS over {mem['num_samples']:,} streamed pairs")
-    names = [w["scenario"] for w in res["wait"]]
+    names = [w["scenario"].split(":")[0] + f" (ratio {w['generation_to_training_ratio']:.2f})" for w in res["wait"]]
     b.bar(names, [w["wait_fraction_steady"] * 100 for w in res["wait"]])
     b.axhline(5, color="r", linestyle="--", label="5 % target")
     b.set_ylabel("time waiting for synthetic data (%)")
-    b.set_title("training-loop wait (steady state)")
+    b.set_title("training-loop wait (steady state); ratio = generation / training")
     b.legend()
     fig.tight_layout()
     fig.savefig(out / "bench_dataset.png", dpi=100)
@@ -303,13 +312,18 @@ def main(argv=None) -> int:
     res["throughput"] = bench_throughput(pipe, args)
     print(f"throughput: pipe.sample {res['throughput']['pipe_sample_pairs_per_s']:.1f} pairs/s, stream "
           f"{res['throughput']['stream_pairs_per_s']:.1f} pairs/s")
+    gen = 1.0 / res["throughput"]["stream_pairs_per_s"]
     res["wait"] = [
-        bench_wait(pipe, args, (16, 32, 64), "generation faster than training"),
-        bench_wait(pipe, args, (4, 8), "generation slower than training"),
+        bench_wait(pipe, args, channels=(16, 32, 64), fraction=0.25, pool_size=args.pool_size,
+                   steps=args.train_steps, gen_s_per_pair=gen, label="A: 1 synthetic per step, large trainer"),
+        bench_wait(pipe, args, channels=(4, 8), fraction=0.75, pool_size=8, steps=max(args.train_steps // 2, 6),
+                   gen_s_per_pair=gen, label="B: 9 synthetic per step, small trainer"),
     ]
     for w in res["wait"]:
-        print(f"wait [{w['scenario']}]: step alone {w['train_step_alone_s'] * 1e3:.0f} ms, steady wait "
-              f"{w['wait_fraction_steady'] * 100:.1f} %, incl. first batch {w['wait_fraction_all'] * 100:.1f} %")
+        print(f"wait [{w['scenario']}]: train {w['train_s_per_step'] * 1e3:.0f} ms/step, generation "
+              f"{w['generation_s_per_step'] * 1e3:.0f} ms/step (ratio {w['generation_to_training_ratio']:.2f}), "
+              f"steady wait {w['wait_fraction_steady'] * 100:.1f} %, incl. first batch "
+              f"{w['wait_fraction_all'] * 100:.1f} %")
     res["rss"] = bench_rss(pipe, args)
     m = res["rss"]
     print(f"rss over {m['num_samples']} pairs ({m['pairs_per_s']:.1f} pairs/s): first {m['rss_first_mb']:.0f} MiB, "
