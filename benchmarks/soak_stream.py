@@ -63,6 +63,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def summarize(rows: list[tuple[int, float, float]], seeds_seen: set[int], checksum: float,
+              args: argparse.Namespace, pipe, *, complete: bool) -> dict:
+    """Numbers of the run so far; the flatness fit ignores the first ``args.warmup`` of the planned run."""
+    n = np.array([r[0] for r in rows], dtype=float)
+    rss = np.array([r[2] for r in rows])
+    seen, elapsed = int(n[-1]), rows[-1][1]
+    steady = n >= args.warmup * args.num_samples
+    slope = fitted_growth = peak_over_start = flat = None
+    if steady.sum() >= 2:
+        slope = float(np.polyfit(n[steady], rss[steady], 1)[0])
+        fitted_growth = slope * (n[steady][-1] - n[steady][0])
+        peak_over_start = float(rss[steady].max() - rss[steady][0])
+        flat = bool(fitted_growth < args.max_growth_mb and peak_over_start < args.max_growth_mb)
+    return {
+        "benchmark": "soak_stream",
+        "complete": complete,
+        "num_samples": seen,
+        "unique_seeds": len(seeds_seen),
+        "seconds": round(elapsed, 1),
+        "pairs_per_second": round(seen / elapsed, 2) if elapsed else None,
+        "rss_mb_start": round(float(rss[0]), 1),
+        "rss_mb_after_warmup": rnd(rss[steady][0] if steady.any() else None, 1),
+        "rss_mb_end": round(float(rss[-1]), 1),
+        "rss_mb_peak": round(float(rss.max()), 1),
+        "fitted_slope_mb_per_1000_pairs": rnd(None if slope is None else slope * 1000, 3),
+        "fitted_growth_mb_after_warmup": rnd(fitted_growth, 2),
+        "peak_over_post_warmup_start_mb": rnd(peak_over_start, 2),
+        "max_growth_mb": args.max_growth_mb,
+        "flat": flat,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "volume_shape": list(pipe.config.volume_shape),
+        "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu, python {platform.python_version()}, "
+                   f"torch {torch.__version__}",
+        "rss_trace": [[int(a), round(b, 2), round(c, 1)] for a, b, c in rows],
+        "checksum": checksum,
+    }
+
+
+def rnd(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
+def _write(path: Path, result: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from duodiff import DuoDiffusion
@@ -80,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[tuple[int, float, float]] = []  # (pairs consumed, seconds, RSS MiB)
     seen, seeds_seen, checksum = 0, set(), 0.0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rows.append((0, 0.0, rss_mb()))
     next_mark = args.every
@@ -93,43 +144,17 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((seen, time.perf_counter() - start, rss_mb()))
             print(f"{seen:>6d} pairs  {rows[-1][1]:7.1f} s  RSS {rows[-1][2]:8.1f} MiB", flush=True)
             next_mark += args.every
+            if seen < args.num_samples:  # keep a partial result on disk in case the run is stopped
+                _write(out, summarize(rows, seeds_seen, checksum, args, pipe, complete=False))
         if seen >= args.num_samples:
             break
-    elapsed = time.perf_counter() - start
-
+    result = summarize(rows, seeds_seen, checksum, args, pipe, complete=True)
+    _write(out, result)
     n = np.array([r[0] for r in rows], dtype=float)
     rss = np.array([r[2] for r in rows])
     steady = n >= args.warmup * args.num_samples
     slope, intercept = np.polyfit(n[steady], rss[steady], 1)
-    fitted_growth = float(slope * (n[steady][-1] - n[steady][0]))
-    peak_over_start = float(rss[steady].max() - rss[steady][0])
-    flat = fitted_growth < args.max_growth_mb and peak_over_start < args.max_growth_mb
-    result = {
-        "benchmark": "soak_stream",
-        "num_samples": seen,
-        "unique_seeds": len(seeds_seen),
-        "seconds": round(elapsed, 1),
-        "pairs_per_second": round(seen / elapsed, 2),
-        "rss_mb_start": round(float(rss[0]), 1),
-        "rss_mb_after_warmup": round(float(rss[steady][0]), 1),
-        "rss_mb_end": round(float(rss[-1]), 1),
-        "rss_mb_peak": round(float(rss.max()), 1),
-        "fitted_slope_mb_per_1000_pairs": round(float(slope) * 1000, 3),
-        "fitted_growth_mb_after_warmup": round(fitted_growth, 2),
-        "peak_over_post_warmup_start_mb": round(peak_over_start, 2),
-        "max_growth_mb": args.max_growth_mb,
-        "flat": bool(flat),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "volume_shape": list(pipe.config.volume_shape),
-        "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu, python {platform.python_version()}, "
-                   f"torch {torch.__version__}",
-        "rss_trace": [[int(a), round(b, 2), round(c, 1)] for a, b, c in rows],
-        "checksum": checksum,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    flat = result["flat"]
     try:
         import matplotlib
 
@@ -141,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.plot(n[steady], slope * n[steady] + intercept, "--", lw=1, label=f"fit: {slope * 1000:+.2f} MiB / 1000")
         ax.set_xlabel("pairs streamed")
         ax.set_ylabel("RSS (MiB)")
-        ax.set_title(f"soak_stream: {seen} pairs, {'flat' if flat else 'GROWING'}")
+        ax.set_title(f"soak_stream: {result['num_samples']} pairs, {'flat' if flat else 'GROWING'}")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out.with_suffix(".png"), dpi=110)
