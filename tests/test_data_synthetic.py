@@ -163,6 +163,21 @@ def test_cache_filled_by_workers_is_read_back(tiny_pipe, reference, tmp_path):
     assert all(same_item(ds[i], reference[i]) for i in range(3))
 
 
+def test_cache_keeps_the_seed_of_a_retried_pair(tiny_pipe, tmp_path, monkeypatch):
+    """With QC retries (sample_kwargs) the accepted pair may come from another seed: the cache keeps both."""
+    ds = SyntheticPairDataset(tiny_pipe, num_samples=1, num_inference_steps=STEPS, cache_dir=tmp_path)
+    original = ds._generate
+
+    def retried(seeds):
+        return [{**item, "seed": 99} for item in original(seeds)]
+
+    monkeypatch.setattr(ds, "_generate", retried)
+    fresh = ds[0]
+    monkeypatch.setattr(ds, "_generate", lambda seeds: pytest.fail("should be a cache hit"))
+    hit = ds[0]
+    assert fresh["seed"] == hit["seed"] == 99 and torch.equal(fresh["image"], hit["image"])
+
+
 def test_corrupt_cache_file_is_reported(tiny_pipe, tmp_path):
     ds = SyntheticPairDataset(tiny_pipe, num_samples=1, num_inference_steps=STEPS, cache_dir=tmp_path)
     ds.cache_path(0).write_bytes(b"not a safetensors file")

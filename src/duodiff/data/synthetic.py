@@ -381,10 +381,10 @@ class SyntheticPairDataset(Dataset):
         if path.exists():
             return self._read_cache(path, seed)
         item = self._generate([seed])[0]
-        self._write_cache(path, item)
+        self._write_cache(path, item, seed)
         return item
 
-    def _write_cache(self, path: Path, item: dict[str, Any]) -> None:
+    def _write_cache(self, path: Path, item: dict[str, Any], requested_seed: int) -> None:
         from safetensors.torch import save_file
 
         from ..io import atomic_write
@@ -396,7 +396,8 @@ class SyntheticPairDataset(Dataset):
             keys.LABEL: item[keys.LABEL].as_tensor().to(label_dtype).contiguous(),
             "affine": item[keys.IMAGE].affine.to(torch.float64).contiguous(),
         }
-        meta = {"format": _CACHE_FORMAT, keys.SEED: str(item[keys.SEED])}
+        # "requested_seed" keys the file; "seed" is the seed that made the pair (a retry seed with qc)
+        meta = {"format": _CACHE_FORMAT, "requested_seed": str(requested_seed), keys.SEED: str(item[keys.SEED])}
         with atomic_write(path, suffix=".safetensors") as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 
@@ -410,14 +411,15 @@ class SyntheticPairDataset(Dataset):
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"Cache file {str(path)!r} is unreadable ({e}); delete it to regenerate the pair.") from e
-        if meta.get("format") != _CACHE_FORMAT or meta.get(keys.SEED) != str(seed) or set(tensors) != {
+        if meta.get("format") != _CACHE_FORMAT or meta.get("requested_seed") != str(seed) or set(tensors) != {
             keys.IMAGE, keys.LABEL, "affine"
         }:
             raise ValueError(
                 f"Cache file {str(path)!r} is not a duodiff pair for seed {seed} (metadata {meta}); delete it to "
                 "regenerate the pair."
             )
-        return _as_item(tensors[keys.IMAGE], tensors[keys.LABEL].long(), tensors["affine"].numpy(), seed)
+        return _as_item(tensors[keys.IMAGE], tensors[keys.LABEL].long(), tensors["affine"].numpy(),
+                        int(meta.get(keys.SEED, seed)))
 
     # ------------------------------------------------------------------ epochs
     def set_epoch(self, epoch: int) -> None:
