@@ -27,6 +27,9 @@ from duodiff.preview import preview_folder
 
 WEIGHTS = "model.safetensors"
 
+# 2D test volumes make MONAI's Orientation warn before duodiff rejects them
+pytestmark = pytest.mark.filterwarnings("ignore:axcodes:UserWarning")
+
 
 # ------------------------------------------------------------------------------------------ helpers
 def cli_error(argv: list[str], capsys) -> str:
@@ -592,3 +595,22 @@ def test_real_subprocess_exit_code_and_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("duodiff info: error: ") and "not valid JSON" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------ evaluation data
+@pytest.fixture
+def metrics_data():
+    return pytest.importorskip("duodiff.metrics.data")
+
+
+@pytest.mark.parametrize("case_id, make, fragment", [
+    ("nan-image", lambda: (np.full((20, 20, 20), np.nan, np.float32), _good_pair()[1]), "NaN or Inf"),
+    ("non-integer-labels", lambda: (_good_pair()[0], _good_pair()[1].astype(np.float32) * 0.5), "non-integer"),
+    ("image-label-shape-mismatch", lambda: (_good_pair((20, 20, 24))[0], _good_pair()[1]), "same size"),
+    ("2d-slices", lambda: (_good_pair()[0][:, :, 10], _good_pair()[1][:, :, 10]), "3D"),
+], ids=["nan-image", "non-integer-labels", "image-label-shape-mismatch", "2d-slices"])
+def test_evaluation_reader_bad_cases(metrics_data, tmp_path, case_id, make, fragment):
+    root = _dataset(tmp_path, {"case": make()})
+    with pytest.raises(ValueError) as info:
+        metrics_data.load_pairs(root)
+    assert fragment in str(info.value) and "'case'" in str(info.value)
