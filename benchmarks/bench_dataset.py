@@ -118,13 +118,29 @@ def train_step(net, opt, loss_fn, x, y):
     opt.step()
 
 
-def bench_wait(pipe, args, *, channels, fraction, pool_size, steps, gen_s_per_pair, label) -> dict:
-    """A training loop over mix_loaders(real in-memory loader, stream): time in next() vs time training."""
+def bench_wait(pipe, args, *, channels, fraction, steps, label) -> dict:
+    """A training loop over mix_loaders(real in-memory loader, stream): time in next() vs time training.
+
+    The pool is small (``--wait-pool-size``) so that after the first few steps the loop depends on pairs
+    generated while it trains. Generation time is measured inside the pool thread during the same loop.
+    """
     net, opt, loss_fn = trainer(channels)
     shape = tuple(pipe.config.volume_shape)
+    pool = args.wait_pool_size
     stream = SyntheticPairDataset(pipe, num_samples=None, seed=1000, num_inference_steps=args.steps,
-                                  pool_size=pool_size, generation_batch_size=min(args.generation_batch_size, pool_size),
+                                  pool_size=pool, generation_batch_size=min(args.generation_batch_size, pool),
                                   dtype=args.dtype)
+    generated = {"pairs": 0, "seconds": 0.0}
+    original = stream._generate
+
+    def timed_generate(seeds):  # instrumentation: time spent generating in the pool thread
+        t = time.perf_counter()
+        out = original(seeds)
+        generated["seconds"] += time.perf_counter() - t
+        generated["pairs"] += len(seeds)
+        return out
+
+    stream._generate = timed_generate
     mixed = mix_loaders(real_loader(shape), stream, synthetic_fraction=fraction, keys=("image", "label"))
     waits, trains, n_syn = [], [], []
     start = time.perf_counter()
@@ -145,16 +161,19 @@ def bench_wait(pipe, args, *, channels, fraction, pool_size, steps, gen_s_per_pa
     warm = args.warmup_steps
     train_s = float(np.mean(trains[warm:]))
     demand = float(np.mean(n_syn))
+    gen_per_pair = generated["seconds"] / max(generated["pairs"], 1)
     return {
         "scenario": label,
         "trainer_channels": list(channels),
         "synthetic_fraction": fraction,
         "synthetic_per_step": demand,
-        "pool_size": pool_size,
+        "pool_size": pool,
         "train_steps": len(trains),
+        "synthetic_consumed": int(sum(n_syn)),
         "train_s_per_step": train_s,
-        "generation_s_per_step": demand * gen_s_per_pair,
-        "generation_to_training_ratio": demand * gen_s_per_pair / train_s,
+        "generation_s_per_pair_in_loop": gen_per_pair,
+        "generation_s_per_step": demand * gen_per_pair,
+        "generation_to_training_ratio": demand * gen_per_pair / train_s,
         "wait_fraction_all": float(sum(waits) / total),
         "wait_fraction_steady": float(sum(waits[warm:]) / (sum(waits[warm:]) + sum(trains[warm:]))),
         "first_step_wait_s": float(waits[0]),
@@ -204,8 +223,10 @@ def write_report(res: dict, out: Path) -> None:
         "",
         f"`{res['command']}`  ",
         f"{res['env']['cpu']} ({res['env']['cpu_count']} cores, torch {res['env']['torch']}, "
-        f"{res['env']['threads']} threads), load average {res['env']['load_before']} before / "
-        f"{res['env']['load_after']} after (the machine is shared).  ",
+        f"{res['env']['threads']} threads). The machine is shared; 1-min load average per run: "
+        + "; ".join(f"{'+'.join(e.get('sections', SECTIONS))}: {e['load_before'][0]} before, {e['load_after'][0]} after"
+                    for e in res.get("env_by_run", [res["env"]]))
+        + ".  ",
         f"Tiny preset, {'x'.join(map(str, res['settings']['volume_shape']))} volumes, "
         f"{res['settings']['steps']} denoising step(s) per stage, generation batch "
         f"{res['settings']['generation_batch_size']}, pool {res['settings']['pool_size']}, dtype "
@@ -222,8 +243,9 @@ def write_report(res: dict, out: Path) -> None:
         "## Time a training loop waits for synthetic data",
         "",
         "MONAI UNet + DiceLoss on batches from `mix_loaders` (3 in-memory real samples + streamed synthetic ones). "
-        "`wait` = share of the loop's time spent in `next(batch)`; generation time per step = synthetic pairs per "
-        "step / streaming throughput (ratio < 1: generation is faster than training).",
+        "`wait` = share of the loop's time spent in `next(batch)`; generation/step = synthetic pairs per step x "
+        "time per pair measured in the pool thread during the same loop (ratio < 1: generation is faster than "
+        "training). The pool holds only a few pairs, so the loop depends on pairs made while it trains.",
         "",
         "| scenario | synthetic/step | pool | train step | generation/step | ratio | wait (steady) "
         "| wait (incl. first batch) |",
@@ -276,6 +298,13 @@ def write_report(res: dict, out: Path) -> None:
     fig.savefig(out / "bench_dataset.png", dpi=100)
 
 
+SECTIONS = ("throughput", "wait", "rss")
+
+
+def res_command(argv) -> str:
+    return "python benchmarks/bench_dataset.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-samples", type=int, default=10_000, help="pairs streamed for the RSS run")
@@ -289,6 +318,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, choices=[None, "bfloat16"], help="autocast dtype for generation")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--volume-shape", type=int, nargs=3, default=(16, 16, 16), help="tiny preset volume (H W D)")
+    p.add_argument("--wait-pool-size", type=int, default=8, help="pool of the training-loop scenarios")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   help="what to run; with a subset, results/bench_dataset.json is updated, not replaced")
     p.add_argument("--quick", action="store_true", help="smoke run: 200 pairs, 8 training steps")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-progress", action="store_true")
@@ -305,32 +337,47 @@ def main(argv=None) -> int:
         "load_before": [round(x, 2) for x in os.getloadavg()],
     }
     pipe = tiny_pipeline(volume_shape=tuple(args.volume_shape))
-    res = {"command": "python benchmarks/bench_dataset.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    res = {"command": res_command(argv),
            "settings": {"volume_shape": list(args.volume_shape), "steps": args.steps,
                         "generation_batch_size": args.generation_batch_size,
                         "pool_size": args.pool_size, "dtype": args.dtype}}
-    res["throughput"] = bench_throughput(pipe, args)
-    print(f"throughput: pipe.sample {res['throughput']['pipe_sample_pairs_per_s']:.1f} pairs/s, stream "
-          f"{res['throughput']['stream_pairs_per_s']:.1f} pairs/s")
-    gen = 1.0 / res["throughput"]["stream_pairs_per_s"]
-    res["wait"] = [
-        bench_wait(pipe, args, channels=(16, 32, 64), fraction=0.25, pool_size=args.pool_size,
-                   steps=args.train_steps, gen_s_per_pair=gen, label="A: 1 synthetic per step, large trainer"),
-        bench_wait(pipe, args, channels=(4, 8), fraction=0.75, pool_size=8, steps=max(args.train_steps // 2, 6),
-                   gen_s_per_pair=gen, label="B: 9 synthetic per step, small trainer"),
-    ]
-    for w in res["wait"]:
-        print(f"wait [{w['scenario']}]: train {w['train_s_per_step'] * 1e3:.0f} ms/step, generation "
-              f"{w['generation_s_per_step'] * 1e3:.0f} ms/step (ratio {w['generation_to_training_ratio']:.2f}), "
-              f"steady wait {w['wait_fraction_steady'] * 100:.1f} %, incl. first batch "
-              f"{w['wait_fraction_all'] * 100:.1f} %")
-    res["rss"] = bench_rss(pipe, args)
-    m = res["rss"]
-    print(f"rss over {m['num_samples']} pairs ({m['pairs_per_s']:.1f} pairs/s): first {m['rss_first_mb']:.0f} MiB, "
-          f"after 1000 {m['rss_after_1000_mb']:.0f} MiB, last {m['rss_last_mb']:.0f} MiB, max {m['rss_max_mb']:.0f} "
-          f"MiB, slope {m['rss_slope_second_half_mb_per_1000']:+.2f} MiB/1000")
+    previous = args.out / "bench_dataset.json"
+    if set(args.sections) != set(SECTIONS) and previous.is_file():  # update some sections of an earlier run
+        old = json.loads(previous.read_text())
+        res = {**old, **{k: v for k, v in res.items() if k != "command"}}
+        res["command"] = f"{old.get('command', '')}; then {res_command(argv)}"
+    if "throughput" in args.sections:
+        res["throughput"] = bench_throughput(pipe, args)
+        print(f"throughput: pipe.sample {res['throughput']['pipe_sample_pairs_per_s']:.1f} pairs/s, stream "
+              f"{res['throughput']['stream_pairs_per_s']:.1f} pairs/s")
+    if "wait" in args.sections:
+        res["wait"] = [
+            bench_wait(pipe, args, channels=(16, 32, 64), fraction=0.25, steps=args.train_steps,
+                       label="A: 1 synthetic per step, large trainer"),
+            bench_wait(pipe, args, channels=(4, 8), fraction=0.75, steps=max(args.train_steps // 2, 6),
+                       label="B: 9 synthetic per step, small trainer"),
+        ]
+        for w in res["wait"]:
+            print(f"wait [{w['scenario']}]: train {w['train_s_per_step'] * 1e3:.0f} ms/step, generation "
+                  f"{w['generation_s_per_step'] * 1e3:.0f} ms/step (ratio {w['generation_to_training_ratio']:.2f}), "
+                  f"steady wait {w['wait_fraction_steady'] * 100:.1f} %, incl. first batch "
+                  f"{w['wait_fraction_all'] * 100:.1f} %")
+    if "rss" in args.sections:
+        res["rss"] = bench_rss(pipe, args)
+        m = res["rss"]
+        print(f"rss over {m['num_samples']} pairs ({m['pairs_per_s']:.1f} pairs/s): first {m['rss_first_mb']:.0f} "
+              f"MiB, after 1000 {m['rss_after_1000_mb']:.0f} MiB, last {m['rss_last_mb']:.0f} MiB, max "
+              f"{m['rss_max_mb']:.0f} MiB, slope {m['rss_slope_second_half_mb_per_1000']:+.2f} MiB/1000")
     env["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    env["sections"] = list(args.sections)
+    res.setdefault("env_by_run", []).append(env)
     res["env"] = env
+    missing = [k for k in SECTIONS if k not in res]
+    if missing:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_dataset.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {args.out / 'bench_dataset.json'}; run the sections {missing} too for the .md/.png report")
+        return 0
     write_report(res, args.out)
     print(f"wrote {args.out / 'bench_dataset.json'}, .md, .png")
     return 0

@@ -201,3 +201,41 @@ def test_same_items_across_runs(tiny_pipe, tmp_path: Path):
         assert torch.equal(direct["image"].as_tensor(), other["image"].as_tensor())
         assert torch.equal(direct["label"].as_tensor(), other["label"].as_tensor())
         assert other["seed"] == 102
+
+
+HIPPO = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd_hippocampus"
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not (HIPPO / "dataset.json").is_file(), reason="needs ../shared/data/msd_hippocampus")
+def test_monai_loop_on_real_hippocampus(tiny_pipe):
+    """Three real MSD hippocampus MRIs (cropped to the model's 16^3) + synthetic pairs through one MONAI loop."""
+    from monai.data import DataLoader, Dataset
+    from monai.losses import DiceLoss
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        LoadImaged,
+        ResizeWithPadOrCropd,
+        ScaleIntensityd,
+    )
+
+    from duodiff.export import find_cases
+
+    files = [{"image": str(c.images[0]), "label": str(c.label)} for c in find_cases(HIPPO)[:3]]
+    real = Dataset(files, transform=Compose([
+        LoadImaged(keys=["image", "label"]),
+        EnsureChannelFirstd(keys=["image", "label"]),
+        ScaleIntensityd(keys="image"),
+        ResizeWithPadOrCropd(keys=["image", "label"], spatial_size=SHAPE),
+        EnsureTyped(keys="label", dtype=torch.int64),
+        mark_real,
+    ]))
+    data = ConcatDataset([real, SyntheticPairDataset(tiny_pipe, num_samples=4, num_inference_steps=STEPS)])
+    sampler = MixedBatchSampler(data, batch_size=2, synthetic_fraction=0.5)
+    dice = DiceLoss(to_onehot_y=True, softmax=True)
+    batches = [(b["image"], b["label"], b["is_synthetic"]) for b in DataLoader(data, batch_sampler=sampler)]
+    assert len(batches) == 3 and all(int(f.sum()) == 1 for _, _, f in batches)
+    assert set(torch.unique(torch.cat([y for _, y, _ in batches])).tolist()) <= {0, 1, 2}
+    train_steps(unet(), batches, lambda out, y, _: dice(out, y), max_steps=3)
