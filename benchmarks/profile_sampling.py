@@ -89,7 +89,9 @@ def load(args, device: str):
 
             model = str(bundled_model_path())
     if model and model.lower() != "none":
-        return DuoDiffusion.from_pretrained(model, device=device), f"trained ({model})"
+        from bench_sampling import load_trained  # sibling script
+
+        return load_trained(model, device), f"trained ({model})"
     pipe = randomize_weights(DuoDiffusion.from_preset(args.preset, num_classes=3), std=0.02)
     return pipe.to(device), f"random {args.preset} preset"
 

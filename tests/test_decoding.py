@@ -9,6 +9,7 @@ from duodiff.decoding import (
     check_tile_size,
     decode,
     estimate_decode_bytes,
+    parse_tile_size,
     peak_tensor_bytes,
     resolve_tile_size,
     seam_report,
@@ -111,6 +112,17 @@ def test_budget_too_small_raises_memory_error(pipe, latents):
 def test_bad_tile_sizes_are_rejected(bad):
     with pytest.raises(ValueError, match="decode_tile_size"):
         check_tile_size(bad)
+
+
+@pytest.mark.parametrize("text, expected", [("auto", "auto"), ("None", None), ("24", 24), ("24,24,16", (24, 24, 16))])
+def test_parse_tile_size(text, expected):
+    assert parse_tile_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["big", "0", "4,4", "4,x,4", ""])
+def test_parse_tile_size_rejects(text):
+    with pytest.raises(ValueError, match="tile[_ ]size"):
+        parse_tile_size(text)
 
 
 def test_bad_overlap_halo_and_kind_are_rejected(pipe, latents):

@@ -101,7 +101,7 @@ def test_two_gloo_ranks_write_every_seed_once_and_resume(model_dir, tmp_path):
     expected = [sample_name(s) for s in range(100, 105)]
 
     # 1. two processes share the 5 seeds: rank 0 takes 100, 102, 104 and rank 1 takes 101, 103
-    written = _torchrun_sample(model_dir, out, "--distributed")
+    written = _torchrun_sample(model_dir, out, "--distributed", "--decode-tile-size", "none")
     labels, images = _cases(out)
     assert labels == [f"{n}.nii.gz" for n in expected]
     assert images == [f"{n}_0000.nii.gz" for n in expected]
