@@ -241,3 +241,42 @@ def test_nonfinite_gradients_skip_the_update(tmp_path):
     with open(tmp_path / "toy.csv") as f:
         skipped = [int(r["skipped_steps"]) for r in csv.DictReader(f)]
     assert skipped == [0, 0, 1, 1]
+
+
+@pytest.mark.slow
+def test_sigkill_train_then_resume_gives_identical_weights(dataset, tmp_path):
+    """A real `duodiff train` subprocess killed with SIGKILL mid-stage, then `--resume`, ends bit-identical."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    def write_cfg(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        body = (f'output_dir = "run"\nprogress = false\n[data]\nroot = "{dataset}"\n[model]\npreset = "tiny"\n'
+                "volume_shape = [16, 16, 16]\n[stages.label_autoencoder]\nsteps = 40\nbatch_size = 2\n"
+                "checkpoint_every = 5\nlog_every = 1\nwarmup_steps = 0\n")
+        (folder / "t.toml").write_text(body)
+        return folder / "t.toml"
+
+    cmd = [sys.executable, "-m", "duodiff.cli.main", "train"]
+    ref = write_cfg(tmp_path / "ref")
+    subprocess.run(cmd + [str(ref), "--stage", "label_autoencoder"], check=True, timeout=600, capture_output=True)
+    killed = write_cfg(tmp_path / "killed")
+    proc = subprocess.Popen(cmd + [str(killed), "--stage", "label_autoencoder"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "run" / "checkpoints" / "label_autoencoder"
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(p.name.startswith("step-") for p in ckpts.glob("step-*")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (tmp_path / "killed" / "run" / "model" / "model_index.json").exists()  # really killed mid-stage
+    r = subprocess.run(cmd + [str(killed), "--stage", "label_autoencoder", "--resume"], timeout=600,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a = load_file(str(tmp_path / "ref" / "run" / "model" / "label_autoencoder" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "run" / "model" / "label_autoencoder" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_losses(tmp_path / "ref" / "run", "label_autoencoder") == read_losses(
+        tmp_path / "killed" / "run", "label_autoencoder")
