@@ -13,6 +13,8 @@ PY="${PYTHON:-python3}"
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
+# the original paper's stack, only to build old-format checkpoints for the `duodiff convert` parity tests
+python -m pip install -q --no-deps "monai-generative==0.2.3"
 ruff check src tests benchmarks examples
 if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
 python -m pytest -q "$@"
