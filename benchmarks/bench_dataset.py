@@ -345,6 +345,8 @@ def main(argv=None) -> int:
     if set(args.sections) != set(SECTIONS) and previous.is_file():  # update some sections of an earlier run
         old = json.loads(previous.read_text())
         res = {**old, **{k: v for k, v in res.items() if k != "command"}}
+        res["env_by_run"] = [e for e in old.get("env_by_run", [])
+                             if not set(e.get("sections", SECTIONS)) <= set(args.sections)]
         res["command"] = f"{old.get('command', '')}; then {res_command(argv)}"
     if "throughput" in args.sections:
         res["throughput"] = bench_throughput(pipe, args)

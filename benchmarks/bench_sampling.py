@@ -330,8 +330,12 @@ def parity(pipe, device, dtype: str, n: int, seed: int = 1000) -> dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------- seams
-def seam_check(pipe, device, dtype: str, fraction: float = 0.75) -> dict[str, Any]:
-    """Tiled vs whole decode of denoised-like latents (fresh noise) with tiles of ``fraction`` of each side."""
+def seam_check(pipe, device, dtype: str) -> dict[str, Any]:
+    """Tiled vs whole decode of random latents, the longest latent axis cut into tiles of half its length.
+
+    The halo is the default (4) where the axis leaves room for it, else as large as keeps each tile's
+    decoded region smaller than the axis (otherwise every tile would see the whole volume).
+    """
     from duodiff.decoding import DEFAULT_HALO, DEFAULT_OVERLAP, decode, seam_report
 
     out: dict[str, Any] = {}
@@ -342,12 +346,18 @@ def seam_check(pipe, device, dtype: str, fraction: float = 0.75) -> dict[str, An
         ("image", pipe.image_autoencoder, pipe.config.image_latent_shape, pipe.config.image_scale_factor),
     ):
         z = (torch.randn((1, *shape), generator=g) / scale).to(pipe.device)
-        tile = tuple(max(4, math.ceil(s * fraction)) if s > 8 else s for s in shape[1:])
+        sides = list(shape[1:])
+        axis = max(range(3), key=lambda i: sides[i])
+        length = sides[axis]
+        sides[axis] = math.ceil(length / 2)
+        tile = tuple(sides)
+        halo = max(0, min(DEFAULT_HALO, (length - sides[axis]) // 2 - 1))
         with autocast(device, dtype):
-            rep = seam_report(ae, z, tile_size=tile, kind=kind)
+            rep = seam_report(ae, z, tile_size=tile, halo=halo, kind=kind)
             with torch.inference_mode():
                 _, t_whole, m_whole = timed(device, mem, lambda a=ae, z=z: decode(a, z, tile_size=None))
-                _, t_tiled, m_tiled = timed(device, mem, lambda a=ae, z=z, t=tile: decode(a, z, tile_size=t))
+                _, t_tiled, m_tiled = timed(device, mem, lambda a=ae, z=z, t=tile, h=halo: decode(
+                    a, z, tile_size=t, halo=h))
         out[kind] = {**rep.to_dict(), "whole_s": t_whole, "tiled_s": t_tiled, "whole_peak": m_whole,
                      "tiled_peak": m_tiled, "latent_shape": list(shape[1:]), "dtype": dtype,
                      "overlap_default": DEFAULT_OVERLAP, "halo_default": DEFAULT_HALO}
@@ -498,19 +508,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
                    help="default: 1 4 (hippocampus) and 1 (paper) on CPU; 1 4 8 on CUDA")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="time at most this many steps of a loop and extrapolate (default CPU: 100 for hippocampus, "
+                   help="time at most this many steps of a loop and extrapolate (default CPU: 50 for hippocampus, "
                         "2 for paper; CUDA: all)")
     p.add_argument("--baseline-steps", type=int, default=None,
-                   help="MONAI DDPM steps actually run (rest extrapolated; default CPU: 1000 hippocampus / 2 paper; "
+                   help="MONAI DDPM steps actually run (rest extrapolated; default CPU: 250 hippocampus / 2 paper; "
                         "CUDA 1000); 0 skips the baseline")
-    p.add_argument("--repeats", type=int, default=2,
+    p.add_argument("--repeats", type=int, default=None,
                    help="time each duodiff config of <= 100 measured steps this many times and keep the fastest "
-                        "(default 2); longer loops, the MONAI baseline and parity run once")
+                        "(default 2; 1 for paper on CPU); longer loops, the MONAI baseline and parity run once")
     p.add_argument("--model", default=None,
                    help="trained model for the hippocampus rows and the parity check (default: the bundled model "
                         "if installed; 'none' forces random weights)")
     p.add_argument("--parity-samples", type=int, default=16, help="label maps per sampler for parity (0 skips)")
     p.add_argument("--no-seams", action="store_true", help="skip the tiled-vs-whole decode check")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's default, all cores); 1 is steadier on a "
+                        "machine shared with other jobs")
     p.add_argument("--quick", action="store_true", help="smoke run: hippocampus, batch 1, 3 steps, no parity")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/bench_sampling_<device>)")
     return p.parse_args(argv)
@@ -518,6 +531,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -538,10 +553,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if given is not None:
             return given
         defaults = {
-            ("cpu", "hippocampus"): {"batch_sizes": [1, 4], "max_steps": 100, "baseline_steps": 1000},
-            ("cpu", "paper"): {"batch_sizes": [1], "max_steps": 2, "baseline_steps": 2},
-            ("cuda", "hippocampus"): {"batch_sizes": [1, 4, 8], "max_steps": 1000, "baseline_steps": 1000},
-            ("cuda", "paper"): {"batch_sizes": [1, 4, 8], "max_steps": 1000, "baseline_steps": 1000},
+            ("cpu", "hippocampus"): {"batch_sizes": [1, 4], "max_steps": 50, "baseline_steps": 250, "repeats": 2},
+            ("cpu", "paper"): {"batch_sizes": [1], "max_steps": 2, "baseline_steps": 2, "repeats": 1},
+            ("cuda", "hippocampus"): {"batch_sizes": [1, 4, 8], "max_steps": 1000, "baseline_steps": 1000,
+                                      "repeats": 2},
+            ("cuda", "paper"): {"batch_sizes": [1, 4, 8], "max_steps": 1000, "baseline_steps": 1000, "repeats": 2},
         }
         return defaults[(kind, preset)][name]
 
@@ -562,11 +578,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for sampler_key in args.samplers:
                     name, steps = SAMPLERS[sampler_key]
                     max_steps = setting(preset, "max_steps")
-                    reps = args.repeats if min(steps, max_steps) <= 100 else 1  # long loops: once
+                    reps = setting(preset, "repeats") if min(steps, max_steps) <= 100 else 1  # long loops: once
                     den, zl, zi = best_of(reps, partial(duodiff_denoise, pipe, device, mem, dtype, name,
                                                                  steps, batch, max_steps))
                     if decoded is None:  # decode cost does not depend on the sampler
-                        decoded = best_of(args.repeats, partial(duodiff_decode, pipe, device, mem, dtype, zl, zi))[0]
+                        decoded = best_of(setting(preset, "repeats"), partial(duodiff_decode, pipe, device, mem,
+                                                                              dtype, zl, zi))[0]
                     row = {"preset": preset, "volume_shape": shape, "weights": weights, "dtype": dtype,
                            "sampler": sampler_key, "steps": steps, "batch": batch, **den, **decoded,
                            "extrapolated": den["measured_steps"] < steps}

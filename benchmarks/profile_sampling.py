@@ -106,8 +106,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "pndm"])
     p.add_argument("--repeats", type=int, default=3, help="timed sample() calls per dtype (median reported)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's default, all cores); 1 is steadier on a "
+                        "machine shared with other jobs")
     p.add_argument("--out", default=None, help="report path (default benchmarks/results/profile_<device>.txt)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     out_path = Path(args.out) if args.out else RESULTS / f"profile_{device.type}.txt"

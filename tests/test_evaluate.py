@@ -81,6 +81,20 @@ def test_evaluate_identical_vs_shifted():
     assert s["memorization"]["num_flagged"] < 6
 
 
+def test_evaluate_trains_segmenter_on_segmenter_data():
+    real, train = _phantom_set(range(4)), _phantom_set(range(10, 13))
+    ev = evaluate(real, _phantom_set(range(20, 23)), num_classes=3, segmenter_data=train, memorization_reference=train,
+                  segmenter_steps=2, progress=False)
+    seg = ev.metrics["setup"]["segmenter"]
+    assert seg["trained_here"] and seg["train_set"] == "segmenter_data"
+    assert seg["train_cases"] == train.names
+    assert ev.metrics["pair_consistency"]["real_heldout"]["num_cases"] == 4  # all of real is held out
+    assert ev.metrics["memorization"]["reference_set"] == "memorization_reference"
+    assert "128 numbers" in ev.metrics["setup"]["feature_network"]
+    with pytest.raises(ValueError, match="segmenter_data"):
+        evaluate(real, real, num_classes=3, segmenter_data=_phantom_set(range(2), shape=(16, 16, 12)))
+
+
 def test_evaluate_rejects_mismatched_sets():
     real = _phantom_set(range(3))
     with pytest.raises(ValueError, match="differ"):

@@ -44,7 +44,8 @@ def add_parser(sub) -> None:
                    help="opt-in torch.hub feature network 'owner/repo:entrypoint' (downloads) or "
                         "'local:/dir:entrypoint'; default: the segmenter's encoder")
     p.add_argument("--train-real", default=None, metavar="DIR",
-                   help="the model's training data, for the memorisation check (default: --real)")
+                   help="the model's training data: the memorisation reference and the segmenter's training set "
+                        "(default: --real, of which 20%% are held out from the segmenter)")
     p.add_argument("--train-cases", default=None,
                    help="cases of --train-real to use (file, split.json:train or comma list)")
     p.add_argument("--copy-threshold", type=float, default=0.95,
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 6. metrics and report
     ev = evaluate(real, synthetic, num_classes=num_classes, label_names=names, segmenter=segmenter,
-                  feature_network=feature_network, memorization_reference=train_real,
+                  feature_network=feature_network, memorization_reference=train_real, segmenter_data=train_real,
                   segmenter_steps=args.segmenter_steps, copy_threshold=args.copy_threshold,
                   max_pairs=args.max_pairs, seed=args.seed, progress=progress)
     ev.metrics["setup"].update(setup)

@@ -84,6 +84,7 @@ def evaluate(
     segmenter: nn.Module | Callable[[torch.Tensor], torch.Tensor] | None = None,
     feature_network: nn.Module | None = None,
     memorization_reference: PairSet | None = None,
+    segmenter_data: PairSet | None = None,
     segmenter_steps: int = 300,
     holdout_fraction: float = 0.2,
     copy_threshold: float = 0.95,
@@ -105,6 +106,8 @@ def evaluate(
             requires ``segmenter`` to be ``None`` or a ``SliceSegmenter``).
         memorization_reference: the model's training images, for the memorisation check; ``None`` uses
             ``real`` (say so in the report if it is not the training set).
+        segmenter_data: real pairs to train the segmenter on (e.g. the model's training split); then all of
+            ``real`` serves as the held-out reference. ``None``: train on ``1 - holdout_fraction`` of ``real``.
         segmenter_steps: training steps when a segmenter is trained here.
         holdout_fraction: share of real pairs held out from segmenter training.
         copy_threshold: nearest-neighbour NCC at which a synthetic image is flagged as a near-copy.
@@ -129,12 +132,19 @@ def evaluate(
     t = time.perf_counter()
     seg_info: dict[str, Any]
     if segmenter is None:
-        train_idx, held_idx = _split(len(real), holdout_fraction, seed)
-        seg_train = real.subset(train_idx)
+        if segmenter_data is not None:
+            if segmenter_data.images.shape[1:] != real.images.shape[1:]:
+                raise ValueError(f"segmenter_data volumes {tuple(segmenter_data.images.shape[1:])} must match the "
+                                 f"real ones {tuple(real.images.shape[1:])}.")
+            seg_train, held = segmenter_data, real
+        else:
+            train_idx, held_idx = _split(len(real), holdout_fraction, seed)
+            seg_train = real.subset(train_idx)
+            held = real.subset(held_idx) if held_idx else None
         segmenter = train_segmenter(seg_train.images, seg_train.labels, num_classes=num_classes,
                                     num_steps=segmenter_steps, seed=seed, progress=progress)
-        held = real.subset(held_idx) if held_idx else None
-        seg_info = {"trained_here": True, "train_cases": seg_train.names,
+        seg_info = {"trained_here": True, "train_set": "segmenter_data" if segmenter_data is not None else "real",
+                    "train_cases": seg_train.names,
                     "heldout_cases": held.names if held else [], **getattr(segmenter, "info", {})}
         if held is None:
             warnings.append("Too few real pairs to hold any out: the segmenter's real Dice is not measured.")
