@@ -3,6 +3,10 @@
     python benchmarks/downstream_report.py benchmarks/results/downstream_hippocampus.json
 
 writes ``<json>.md`` and ``<json>.png`` beside it (``downstream.py`` does this itself at the end of a run).
+Several files (e.g. one process per seed, run in parallel) are merged into ``--out``:
+
+    python benchmarks/downstream_report.py runs/downstream/s0.json runs/downstream/s1.json \
+        --out benchmarks/results/downstream_hippocampus.json
 """
 
 from __future__ import annotations
@@ -170,12 +174,38 @@ def write_report(results: dict[str, Any], md_path: str | Path, png_path: str | P
         plot(results, png_path)
 
 
+def merge(parts: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """One results dict from several (e.g. one process per seed); their ``keys`` settings must be equal."""
+    first = parts[0]
+    for other in parts[1:]:
+        diff = {k: (first["settings"].get(k), other["settings"].get(k)) for k in keys
+                if first["settings"].get(k) != other["settings"].get(k)}
+        if diff:
+            raise ValueError(f"Cannot merge results made with different settings: {diff}.")
+        clash = set(first["runs"]) & set(other["runs"])
+        if clash:
+            raise ValueError(f"Runs {sorted(clash)[:3]} appear in more than one results file.")
+    return {**first, "runs": {k: v for p in parts for k, v in p["runs"].items()},
+            "sessions": [s for p in parts for s in p.get("sessions", [])]}
+
+
 def main() -> None:
+    import sys
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", help="JSON written by benchmarks/downstream.py")
+    ap.add_argument("results", nargs="+", help="JSON file(s) written by benchmarks/downstream.py")
+    ap.add_argument("--out", default=None, help="merged JSON to write (needed with several inputs)")
     args = ap.parse_args()
-    path = Path(args.results)
-    results = json.loads(path.read_text())
+    parts = [json.loads(Path(p).read_text()) for p in args.results]
+    if len(parts) > 1 and args.out is None:
+        ap.error("pass --out for the merged results of several files")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from downstream import RESULT_SETTINGS
+
+    results = merge(parts, RESULT_SETTINGS)
+    path = Path(args.out or args.results[0])
+    if args.out:
+        path.write_text(json.dumps(results, indent=1, sort_keys=True))
     write_report(results, path.with_suffix(".md"), path.with_suffix(".png"))
     print(path.with_suffix(".md").read_text())
 
