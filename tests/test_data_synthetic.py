@@ -99,7 +99,7 @@ def test_transform_is_applied(tiny_pipe):
 
 def test_items_are_the_same_in_dataloader_workers(tiny_pipe, reference):
     ds = SyntheticPairDataset(tiny_pipe, num_samples=4, num_inference_steps=STEPS)
-    loader = DataLoader(ds, batch_size=None, num_workers=2, shuffle=False)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, shuffle=False, timeout=300)
     items = list(loader)
     assert [it["seed"] for it in items] == [0, 1, 2, 3]
     for it in items:
@@ -158,7 +158,7 @@ def test_concurrent_writers_share_one_cache(tiny_pipe, reference, tmp_path):
 
 def test_cache_filled_by_workers_is_read_back(tiny_pipe, reference, tmp_path):
     ds = SyntheticPairDataset(tiny_pipe, num_samples=3, num_inference_steps=STEPS, cache_dir=tmp_path)
-    list(DataLoader(ds, batch_size=None, num_workers=2))
+    list(DataLoader(ds, batch_size=None, num_workers=2, timeout=300))
     assert sorted(p.name for p in ds.cache_dir.iterdir()) == sorted(ds.cache_path(s).name for s in range(3))
     assert all(same_item(ds[i], reference[i]) for i in range(3))
 
@@ -235,7 +235,7 @@ def test_workers_and_ranks_split_the_stream(tiny_pipe):
     for rank in range(2):
         ds = SyntheticPairDataset(tiny_pipe, num_samples=None, num_inference_steps=STEPS, rank=rank, world_size=2,
                                   generation_batch_size=2, pool_size=2)
-        loader = DataLoader(ds, batch_size=None, num_workers=2)
+        loader = DataLoader(ds, batch_size=None, num_workers=2, timeout=300)
         seeds += [item["seed"] for item in first(loader, 6)]
     assert sorted(seeds) == list(range(12))
 

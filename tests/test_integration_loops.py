@@ -6,6 +6,7 @@ synthetic source, checks the per-batch synthetic counts and that the network act
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,12 @@ from duodiff.testing import phantom_pair
 
 SHAPE = (16, 16, 16)
 STEPS = 2
+# DataLoader(timeout=...): a stuck worker fails its test with an error instead of hanging the suite
+WORKER_TIMEOUT_S = 300
+
+
+def _pool_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "duodiff-synthetic-pool" and t.is_alive()]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +85,7 @@ def test_monai_loop_with_mixed_batch_sampler(real_files, tiny_pipe):
                                      transform=RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0))
     data = ConcatDataset([real, synthetic])
     sampler = MixedBatchSampler(data, batch_size=3, synthetic_fraction=1 / 3, seed=0)
-    loader = DataLoader(data, batch_sampler=sampler, num_workers=2)
+    loader = DataLoader(data, batch_sampler=sampler, num_workers=2, timeout=WORKER_TIMEOUT_S)
     dice = DiceLoss(to_onehot_y=True, softmax=True)
     batches = []
     for batch in loader:
@@ -103,17 +110,18 @@ def test_monai_loop_with_streaming_mix_loaders(real_files, tiny_pipe):
         ScaleIntensityd(keys="image"),
         EnsureTyped(keys="label", dtype=torch.int64),
     ]))
-    real_loader = DataLoader(real, batch_size=3, num_workers=2, shuffle=True)
+    real_loader = DataLoader(real, batch_size=3, num_workers=2, shuffle=True, timeout=WORKER_TIMEOUT_S)
     stream = SyntheticPairDataset(tiny_pipe, num_samples=None, num_inference_steps=STEPS, pool_size=4)
-    mixed = mix_loaders(real_loader, stream, synthetic_fraction=0.25)
-    assert len(mixed) == 2
+    with mix_loaders(real_loader, stream, synthetic_fraction=0.25) as mixed:
+        assert len(mixed) == 2
+        batches = [(b["image"], b["label"], b["is_synthetic"]) for b in mixed]
+    assert not _pool_threads()  # closing the loader stopped the stream's generation thread
     dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")
 
     def weighted(out, y, is_syn):  # synthetic samples count half
         per_sample = dice(out, y).flatten(1).mean(1)
         return (per_sample * torch.where(is_syn, 0.5, 1.0)).mean()
 
-    batches = [(b["image"], b["label"], b["is_synthetic"]) for b in mixed]
     assert [b[0].shape[0] for b in batches] == [4, 1]  # 3 real + 1; round_half_up(0.25 * 1 / 0.75) = 0
     flags = train_steps(unet(), batches, weighted, max_steps=2)
     assert flags == [[False, False, False, True], [False]]
@@ -159,8 +167,10 @@ def test_plain_pytorch_loop(tiny_pipe):
                          torch.from_numpy(np.stack(labels))[:, None].long())
     real_loader = DataLoader(real, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0))
     stream = SyntheticPairDataset(tiny_pipe, num_samples=None, num_inference_steps=STEPS)
-    mixed = mix_loaders(real_loader, stream, synthetic_fraction=0.25, keys=("image", "label"))
-    batches = list(mixed)
+    with mix_loaders(real_loader, stream, synthetic_fraction=0.25, keys=("image", "label")) as mixed:
+        batches = list(mixed)
+        assert _pool_threads()  # the stream lives on between epochs until the loader is closed
+    assert not _pool_threads()
     x, y, is_syn = batches[0]
     assert isinstance(x, torch.Tensor) and type(x) is torch.Tensor  # plain tensors, like the real loader's
     assert x.shape == (4, 1, *SHAPE) and y.dtype == torch.long
@@ -182,9 +192,11 @@ def test_synthetic_dataloader_with_workers_feeds_mix_loaders(tiny_pipe):
     real = DataLoader(TensorDataset(torch.rand(6, 1, *SHAPE), torch.zeros(6, 1, *SHAPE, dtype=torch.long)),
                       batch_size=3)
     syn = DataLoader(SyntheticPairDataset(tiny_pipe, num_samples=4, num_inference_steps=STEPS), batch_size=2,
-                     num_workers=2)
-    mixed = mix_loaders(real, syn, synthetic_fraction=0.4, keys=("image", "label"))
-    sizes = [(x.shape[0], int(f.sum())) for x, _, f in mixed]
+                     num_workers=2, timeout=WORKER_TIMEOUT_S)
+    with mix_loaders(real, syn, synthetic_fraction=0.4, keys=("image", "label")) as mixed:
+        sizes = [(x.shape[0], int(f.sum())) for x, _, f in mixed]
+        assert mixed.supply._iterator is not None  # workers stay up between epochs ...
+    assert mixed.supply._iterator is None  # ... until the loader is closed
     assert sizes == [(5, 2), (5, 2)]  # round_half_up(0.4 * 3 / 0.6) = 2 synthetic per batch
 
 
@@ -194,7 +206,7 @@ def test_same_items_across_runs(tiny_pipe, tmp_path: Path):
 
     a = SyntheticPairDataset(tiny_pipe, num_samples=3, num_inference_steps=STEPS, seed=100, cache_dir=tmp_path)
     direct = a[2]
-    via_workers = list(DataLoader(a, batch_size=None, num_workers=2))[2]
+    via_workers = list(DataLoader(a, batch_size=None, num_workers=2, timeout=WORKER_TIMEOUT_S))[2]
     b = SyntheticPairDataset(tiny_pipe, num_samples=3, num_inference_steps=STEPS, seed=100, cache_dir=tmp_path)
     cached = b[2]
     for other in (via_workers, cached):

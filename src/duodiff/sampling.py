@@ -128,7 +128,11 @@ def denoise(
 
     x = latents.float()
     # the timesteps as Python ints, read once: int(t) of a CUDA tensor would sync the host at every step
-    for t_int in tqdm(scheduler.timesteps.tolist(), desc=desc, disable=not progress, leave=False):
+    timesteps = scheduler.timesteps.tolist()
+    # No tqdm object at all without a bar: even a disabled bar takes tqdm's process-shared lock, and this
+    # loop runs in forked DataLoader workers and background generation threads.
+    steps = tqdm(timesteps, desc=desc, leave=False) if progress else timesteps
+    for t_int in steps:
         t_batch = torch.full((batch,), t_int, device=x.device, dtype=torch.long)
         # 1. predict noise (or v / x0) with the UNet (+ ControlNet residuals)
         out = predict(x, t_batch)

@@ -556,6 +556,14 @@ class _SyntheticSupply:
             out = _merge(out, piece, "synthetic batch")
         return out
 
+    def close(self) -> None:
+        """Drop the open synthetic iterator: stops a stream's generation thread, shuts down loader workers."""
+        iterator, self._iterator, self._leftover = self._iterator, None, None
+        if iterator is not None and hasattr(iterator, "close"):
+            iterator.close()  # a generator (streaming dataset): runs its cleanup now
+        elif iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()  # a multi-process DataLoader iterator
+
 
 class MixedLoader:
     """Iterable returned by :func:`mix_loaders`: one pass over the real loader per iteration."""
@@ -574,6 +582,18 @@ class MixedLoader:
 
     def __len__(self) -> int:
         return len(self.real_loader)
+
+    def close(self) -> None:
+        """Release the synthetic source now: stop a streaming dataset's generation thread and shut down a
+        synthetic DataLoader's workers (otherwise they live, by design, until the loader is garbage-collected,
+        so a stream keeps producing between epochs). Iterating again afterwards reopens the source."""
+        self.supply.close()
+
+    def __enter__(self) -> MixedLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return (f"MixedLoader(real={type(self.real_loader).__name__}, synthetic={self.supply.mode}, "
