@@ -21,13 +21,15 @@ import numpy as np
 import torch
 
 
-def load_real(model, data_root: str, split_file: str, subset: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_real(model, data_root: str, split_file: str, subset: str,
+              resample: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     from duodiff.train.config import DataConfig
     from duodiff.train.data import find_cases, preprocess_case, read_split
 
     names = set(read_split(split_file)[subset])
     cases = [c for c in find_cases(data_root) if c.name in names]
-    cfg = DataConfig(root=data_root)
+    # resample: to the model's voxel spacing, as a training run with `target_spacing` did (the liver example)
+    cfg = DataConfig(root=data_root, target_spacing=tuple(model.config.spacing) if resample else ())
     values = list(range(model.config.num_classes))
     imgs, labs = [], []
     for c in cases:
@@ -106,6 +108,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--conditioning-scale", type=float, default=1.0)
+    ap.add_argument("--resample", action="store_true",
+                    help="resample real cases to the model's spacing (models trained with target_spacing)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
@@ -117,7 +121,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     pipe = DuoDiffusion.from_pretrained(args.model, variant=args.variant)
     names = list(pipe.config.label_names)
-    real_img, real_lab, real_names = load_real(pipe, args.data, args.split, args.subset)
+    real_img, real_lab, real_names = load_real(pipe, args.data, args.split, args.subset, args.resample)
     t0 = time.perf_counter()
     s = pipe.sample(args.num_samples, seed=args.seed, num_inference_steps=args.steps, dtype=args.dtype,
                     batch_size=args.batch_size, conditioning_scale=args.conditioning_scale,
