@@ -88,8 +88,10 @@ def load_model(model: str | os.PathLike):
 
 def load_real(data_root: str | os.PathLike, split_file: str | os.PathLike, volume_shape: Sequence[int],
               num_classes: int, *, cache_dir: str | os.PathLike | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, target_spacing: Sequence[float] = ()) -> dict[str, Any]:
     """Preprocess the train and test cases of the split exactly as training does (cached as ``.npz``).
+
+    ``target_spacing`` (mm): resample first, for models trained with ``target_spacing`` (the liver example).
 
     Returns:
         dict with ``train_images``/``test_images`` float32 ``(N, 1, H, W, D)`` in [0, 1],
@@ -104,8 +106,10 @@ def load_real(data_root: str | os.PathLike, split_file: str | os.PathLike, volum
     if not split.get("test"):
         raise ValueError(f"Split file {str(split_file)!r} has no 'test' cases to evaluate on.")
     shape = [int(s) for s in volume_shape]
-    key = hashlib.sha256(json.dumps({"root": str(Path(data_root).resolve()), "split": split, "shape": shape,
-                                     "classes": num_classes, "v": 1}, sort_keys=True).encode()).hexdigest()[:16]
+    spec = {"root": str(Path(data_root).resolve()), "split": split, "shape": shape, "classes": num_classes, "v": 1}
+    if target_spacing:
+        spec["spacing"] = [float(v) for v in target_spacing]
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"real-{key}.npz" if cache_dir is not None else None
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
@@ -114,7 +118,7 @@ def load_real(data_root: str | os.PathLike, split_file: str | os.PathLike, volum
     missing = [n for n in split["train"] + split["test"] if n not in by_name]
     if missing:
         raise FileNotFoundError(f"Split {str(split_file)!r} names cases not in {str(data_root)!r}: {missing[:5]}.")
-    cfg = DataConfig(root=str(data_root))
+    cfg = DataConfig(root=str(data_root), target_spacing=tuple(float(v) for v in target_spacing))
     values = list(range(num_classes))
     out: dict[str, Any] = {}
     for subset in ("train", "test"):
@@ -459,6 +463,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (resume later)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="tiny sanity run: unet, 10 cases, 1 seed, 20 steps")
+    ap.add_argument("--resample", action="store_true",
+                    help="resample real cases to the model's spacing (models trained with target_spacing, e.g. liver)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -488,7 +494,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model = Path(args.model) if args.model else duodiff.bundled.bundled_model_path()
     config = load_model(model).config
     num_classes, shape = config.num_classes, tuple(config.volume_shape)
-    real_data = load_real(args.data, args.split, shape, num_classes, cache_dir=args.cache_dir, progress=progress)
+    real_data = load_real(args.data, args.split, shape, num_classes, cache_dir=args.cache_dir, progress=progress,
+                          target_spacing=tuple(config.spacing) if args.resample else ())
     num_train = len(real_data["train_names"])
     regimes = sorted({num_train if r == "all" else int(r) for r in args.regimes})
     gen_dtype = None if args.gen_dtype == "none" else args.gen_dtype
