@@ -23,11 +23,12 @@ from duodiff.train.data import BadCaseError, find_cases, prepare_dataset
 SHAPE = (16, 16, 16)
 
 
-def write_dataset(root: Path, n: int = 4, *, nnunet: bool = False, shape=(18, 20, 17)) -> Path:
+def write_dataset(root: Path, n: int = 4, *, nnunet: bool = False, shape=(18, 20, 17),
+                  spacing=(1.0, 1.0, 1.0)) -> Path:
     """An MSD (or nnU-Net) folder of phantom pairs, slightly larger than SHAPE so cropping is exercised."""
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
-    aff = spacing_affine((1.0, 1.0, 1.0))
+    aff = spacing_affine(spacing)
     for i in range(n):
         img, lab = phantom_pair(shape, num_classes=3, seed=i)
         name = f"case_{i:03d}"
@@ -81,6 +82,19 @@ def test_prepare_normalises_and_crops_around_foreground(dataset, tmp_path):
     # cached: a second call reads the npz and gives the same arrays
     again, _ = prepare_dataset(cfg.data, SHAPE, cache_dir=tmp_path / "cache", progress=False)
     assert torch.equal(again.images, data.images) and again.names == data.names
+
+
+@pytest.mark.parametrize("target", [(), (2.0, 2.0, 2.5)])
+def test_trained_model_records_the_training_spacing(tmp_path, target):
+    """The model's ``spacing`` (NIfTI affines of samples, mL of class volumes) is the data's, not the preset's."""
+    from duodiff.train.trainer import Trainer
+
+    root = write_dataset(tmp_path / "d", n=2, spacing=(1.5, 0.8, 2.0))
+    cfg = make_config(tmp_path, root)
+    cfg = cfg.replace(data=cfg.data.replace(target_spacing=target))
+    trainer = Trainer(cfg)
+    assert trainer.data.report["cases"]["case_000"]["spacing"] == pytest.approx(target or (1.5, 0.8, 2.0))
+    assert trainer.load_pipeline().config.spacing == pytest.approx(target or (1.5, 0.8, 2.0))
 
 
 def test_bad_cases_fail_or_skip_with_report(tmp_path):

@@ -175,7 +175,8 @@ def preprocess_case(case: Case, cfg: DataConfig, volume_shape: Sequence[int], la
 
     Returns:
         image float32 ``(C, *volume_shape)`` in [0, 1], label uint8 ``(1, *volume_shape)`` in ``0..K-1``, and
-        a dict of facts (original shape, lost foreground fraction).
+        a dict of facts (original shape, voxel spacing in mm after orientation/resampling, lost foreground
+        fraction).
 
     Raises:
         BadCaseError: unreadable file, NaN/Inf, image/label shape mismatch, empty label, unknown label values.
@@ -184,10 +185,13 @@ def preprocess_case(case: Case, cfg: DataConfig, volume_shape: Sequence[int], la
     try:
         channels = []
         label = None
+        spacing: list[float] = []
         for img_path in case.images:
             d = transform({"image": img_path, "label": case.label})
             channels.append(np.asarray(d["image"], dtype=np.float32))
             label = np.asarray(d["label"])
+            pixdim = getattr(d["image"], "pixdim", None)  # MetaTensor voxel size (mm)
+            spacing = [float(v) for v in pixdim[:3]] if pixdim is not None else []
     except Exception as e:
         raise BadCaseError(f"case {case.name!r}: cannot read {case.images} / {case.label}: {e}") from e
     for path, arr in (*zip(case.images, channels), (case.label, label)):
@@ -226,7 +230,10 @@ def preprocess_case(case: Case, cfg: DataConfig, volume_shape: Sequence[int], la
         image[c] = np.clip((image[c] - lo) / (hi - lo), 0.0, 1.0)
     orig_shape = tuple(int(s) for s in label.shape[1:])
     image, label, lost = crop_or_pad(image, label, volume_shape)
-    return image.astype(np.float32), label.astype(np.uint8), {"shape": orig_shape, "lost_foreground": lost}
+    facts = {"shape": orig_shape, "lost_foreground": lost}
+    if spacing:
+        facts["spacing"] = spacing
+    return image.astype(np.float32), label.astype(np.uint8), facts
 
 
 @dataclass

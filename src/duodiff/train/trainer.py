@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -103,9 +104,19 @@ class Trainer:
         m = self.cfg.model
         return DuoDiffusion.from_preset(
             m.preset, num_classes=len(self.label_values), volume_shape=tuple(data.images.shape[2:]),
-            label_names=self._label_names() or None, image_channels=int(data.images.shape[1]),
+            spacing=self._spacing(), label_names=self._label_names() or None, image_channels=int(data.images.shape[1]),
             prediction_type=m.prediction_type, attributes=m.attributes, init_seed=self.cfg.seed,
         )
+
+    def _spacing(self) -> tuple[float, float, float]:
+        """Voxel spacing (mm) of the training volumes: ``[data].target_spacing``, else the median over the cases."""
+        if self.cfg.data.target_spacing:
+            return tuple(float(v) for v in self.cfg.data.target_spacing)
+        found = [f["spacing"] for f in self.data.report.get("cases", {}).values() if "spacing" in f]
+        if not found:  # a cache written before spacings were recorded
+            logger.warning("training volumes' spacing unknown (old cache); the model records 1 x 1 x 1 mm")
+            return (1.0, 1.0, 1.0)
+        return tuple(float(v) for v in np.median(np.asarray(found, dtype=float), axis=0))
 
     def _save(self, pipe: DuoDiffusion) -> None:
         if self.di.is_main:
