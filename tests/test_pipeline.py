@@ -238,3 +238,19 @@ def test_progress_bars_can_be_disabled(tiny_pipe, capsys):
     assert captured.err == "" and captured.out == ""
     tiny_pipe.sample(1, seed=0, num_inference_steps=STEPS, progress=True)
     assert "labels" in capsys.readouterr().err
+
+
+def test_compile_keeps_results_and_weights(tmp_path):
+    """``pipe.compile()`` (eager backend: the dynamo capture path without C++ codegen, fast in tests) gives the
+    same samples and leaves the saved state-dict keys unchanged."""
+    pipe = make_tiny()
+    before = pipe.sample(1, seed=3, num_inference_steps=2, progress=False)
+    keys_before = {n: sorted(m.state_dict()) for n, m in pipe.components().items()}
+    assert pipe.compile(backend="eager") is pipe
+    after = pipe.sample(1, seed=3, num_inference_steps=2, progress=False)
+    torch.testing.assert_close(after.images, before.images, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after.labels, before.labels)
+    assert {n: sorted(m.state_dict()) for n, m in pipe.components().items()} == keys_before
+    pipe.save_pretrained(tmp_path / "m")
+    again = DuoDiffusion.from_pretrained(tmp_path / "m").sample(1, seed=3, num_inference_steps=2, progress=False)
+    torch.testing.assert_close(again.images, before.images, rtol=1e-5, atol=1e-5)
