@@ -15,6 +15,11 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 # the original paper's stack, only to build old-format checkpoints for the `duodiff convert` parity tests
 python -m pip install -q --no-deps "monai-generative==0.2.3"
+# nnU-Net v2's own dataset check for the export tests: its pinned deps would pull a CUDA torch, so the four nnU-Net
+# packages come without deps and only what `verify_dataset_integrity` imports is added
+python -m pip install -q --no-deps "nnunetv2==2.8.1" "batchgenerators==0.25.5" "acvl-utils==0.2.6" \
+    "dynamic-network-architectures==0.4.4"
+python -m pip install -q pandas scikit-image blosc2 SimpleITK
 ruff check src tests benchmarks examples
 if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
 python -m pytest -q "$@"
