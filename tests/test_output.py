@@ -136,3 +136,19 @@ def test_to_dicts_work_with_monai_transforms(out):
 def test_len_and_repr(out):
     assert len(out) == 2
     assert "DuoSample(n=2" in repr(out) and "torch.int64" in repr(out)
+
+
+def test_atomic_writes_get_normal_file_permissions(tmp_path):
+    """Files written through a temp file + rename get the umask's permissions, not mkstemp's private 0600."""
+    import os
+    import stat
+
+    from duodiff.io import atomic_write, write_nifti
+
+    mask = os.umask(0)
+    os.umask(mask)
+    with atomic_write(tmp_path / "report.json") as tmp:
+        tmp.write_text("{}")
+    path = write_nifti(tmp_path / "x.nii.gz", np.zeros((2, 2, 2), np.float32), spacing_affine((1, 1, 1)))
+    for f in (tmp_path / "report.json", path):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, oct(f.stat().st_mode)

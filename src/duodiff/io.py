@@ -36,6 +36,17 @@ def spacing_affine(spacing: Sequence[float], origin: Sequence[float] = (0.0, 0.0
     return affine
 
 
+def _file_mode() -> int:
+    """Permissions of a newly created file under the process umask (``mkstemp`` files are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+#: read once at import (os.umask is process-wide; reading it later could race with other threads)
+_FILE_MODE = _file_mode()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
@@ -49,6 +60,7 @@ def atomic_write(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _FILE_MODE)  # like a normal write, not mkstemp's private 0600
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
