@@ -22,6 +22,11 @@ import numpy as np
 NETWORK_NAMES = {"unet": "UNet", "dynunet": "DynUNet", "vnet": "VNet"}
 
 
+def _dataset(results: dict[str, Any]) -> str:
+    """The dataset's folder name as recorded in the results' settings (e.g. ``msd_hippocampus``)."""
+    return str(results.get("settings", {}).get("data") or "dataset")
+
+
 def _ms(values: list[float], pct: bool = True) -> str:
     """``mean ± std`` (sample std, ddof=1) in percent, with the number of seeds when it is not 3."""
     if not values:
@@ -76,7 +81,7 @@ def to_markdown(results: dict[str, Any]) -> str:
     rows = summary_rows(results)
     seconds = sum(x.get("seconds", 0.0) for x in results.get("sessions", []))
     lines = [
-        "# Downstream segmentation: real vs real + synthetic (MSD Hippocampus)", "",
+        f"# Downstream segmentation: real vs real + synthetic ({_dataset(results)})", "",
         f"Test Dice (%) on the {s['num_test_cases']} held-out test cases, mean ± std over seeds (paired: the "
         "real and real + synthetic runs of a seed share the real subset and the initialisation). "
         f"{s['steps']} steps, batch {s['batch_size']}, AdamW lr {s['lr']:g} (cosine), DiceCE loss, "
@@ -127,7 +132,7 @@ def plot(results: dict[str, Any], path: str | Path) -> None:
 
     g = group(results)
     networks = [n for n in NETWORK_NAMES if any(k[0] == n for k in g)] or sorted({k[0] for k in g})
-    fig, axes = plt.subplots(1, len(networks), figsize=(4.2 * len(networks), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(networks), figsize=(max(4.2 * len(networks), 6.5), 3.6), squeeze=False, sharey=True)
     for ax, net in zip(axes[0], networks):
         regimes = sorted({k[1] for k in g if k[0] == net and k[1] > 0})
         conds = ["real"] + sorted({k[2] for k in g if k[0] == net and k[2].startswith("mix")},
@@ -161,7 +166,7 @@ def plot(results: dict[str, Any], path: str | Path) -> None:
     lo = min((r["mean"] for r in results["runs"].values()), default=0.0)
     axes[0][0].set_ylim(max(0.0, lo - 0.1), 1.0)
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("MSD Hippocampus: downstream Dice with duodiff synthetic pairs", fontsize=10)
+    fig.suptitle(f"{_dataset(results)}: downstream Dice with duodiff synthetic pairs", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
