@@ -162,6 +162,49 @@ def test_kill_and_resume_gives_identical_losses(dataset, tmp_path):
             assert torch.equal(v, w), k
 
 
+def _weights(run: Path, name: str) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in getattr(DuoDiffusion.from_pretrained(run / "model"), name).state_dict().items()}
+
+
+def test_rerunning_a_stage_starts_from_its_initial_weights_and_finetune_continues(dataset, tmp_path):
+    """A re-run never silently continues from trained weights; --finetune does, with its own log and checkpoints."""
+    cfg = make_config(tmp_path, dataset, steps=4)
+    run = tmp_path / "run"
+    train(cfg, stages=["label_autoencoder", "image_autoencoder", "image_unet", "image_controlnet"])
+    first = {n: _weights(run, n) for n in ("label_autoencoder", "image_controlnet")}
+    # the same stages again: the same result (they start from their initialisation, not from `first`)
+    train(cfg, stages=["label_autoencoder", "image_controlnet"])
+    for n in first:
+        again = _weights(run, n)
+        assert all(torch.equal(first[n][k], again[k]) for k in again), n
+    # --finetune: four more steps from the trained weights
+    train(cfg, stages=["label_autoencoder", "image_controlnet"], finetune=True)
+    state = json.loads((run / "logs" / "stages.json").read_text())
+    for n in first:
+        tuned = _weights(run, n)
+        assert not all(torch.equal(first[n][k], tuned[k]) for k in tuned), n
+        assert state[n]["finetuned_from"]["steps"] == 4 and state[n]["total_steps"] == 8
+        assert state[n]["total_seconds"] >= state[n]["seconds"]
+        assert len(read_losses(run, f"{n}+ft4")) == 4 and len(read_losses(run, n)) == 4  # first log kept
+        assert (run / "checkpoints" / f"{n}+ft4").is_dir()
+    # fine-tuned ControlNet = the trained one + 4 steps: its first loss continues from the trained level,
+    # not from a fresh copy of the image UNet
+    assert read_losses(run, "image_controlnet+ft4")[0] != read_losses(run, "image_controlnet")[0]
+    # a second fine-tune counts on from the first
+    train(cfg, stages=["label_autoencoder"], finetune=True, stop_after=2)
+    state = json.loads((run / "logs" / "stages.json").read_text())["label_autoencoder"]
+    assert state["finetuned_from"]["steps"] == 8 and not state["finished"]
+    train(cfg, stages=["label_autoencoder"], finetune=True, resume=True)
+    state = json.loads((run / "logs" / "stages.json").read_text())["label_autoencoder"]
+    assert state["finished"] and state["total_steps"] == 12 and len(read_losses(run, "label_autoencoder+ft8")) == 4
+
+
+def test_finetune_needs_a_finished_stage(dataset, tmp_path):
+    cfg = make_config(tmp_path, dataset, steps=4)
+    with pytest.raises(ValueError, match="--finetune continues a finished stage.*label_autoencoder"):
+        train(cfg, stages=["label_autoencoder"], finetune=True)
+
+
 def test_stage_dependency_is_checked(dataset, tmp_path):
     cfg = make_config(tmp_path, dataset)
     with pytest.raises(ValueError, match="needs a trained 'label_autoencoder'"):

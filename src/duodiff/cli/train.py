@@ -16,6 +16,9 @@ def add_parser(sub) -> None:
                    help="stage to train (repeatable): label_autoencoder, image_autoencoder, label_unet, image_unet, "
                         "image_controlnet or all (default all)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoints")
+    p.add_argument("--finetune", action="store_true",
+                   help="train finished stages further from their current weights (fresh optimiser and LR "
+                        "schedule over the stage's steps) instead of from their initial weights")
     p.add_argument("--stop-after", type=positive_int, default=None,
                    help="stop each stage after this many total steps (resume later with --resume)")
     p.add_argument("--output-dir", default=None, help="override output_dir of the config")
@@ -35,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_progress:
         overrides["progress"] = False
     cfg = load_train_config(args.config, overrides)
-    model_dir = train(cfg, stages=args.stage, resume=args.resume, stop_after=args.stop_after)
+    model_dir = train(cfg, stages=args.stage, resume=args.resume, stop_after=args.stop_after,
+                      finetune=args.finetune)
     print(f"model written to {model_dir}", file=sys.stderr)
     return 0

@@ -91,12 +91,12 @@ def autoencoder_loss(
             ce = F.cross_entropy(recon, lab[:, 0])
             dl = dice(recon, x)
             kl = kl_loss(mu, sigma)
-            return ce + dice_weight * dl + kl_weight * kl, {"ce": float(ce), "dice": float(dl), "kl": float(kl)}
+            return ce + dice_weight * dl + kl_weight * kl, {"ce": ce.item(), "dice": dl.item(), "kl": kl.item()}
         x = images[ctx.indices].to(ctx.device)
         recon, mu, sigma = model(x, eps)
         l1 = (recon.float() - x).abs().mean()
         kl = kl_loss(mu, sigma)
-        return l1 + kl_weight * kl, {"l1": float(l1), "kl": float(kl)}
+        return l1 + kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
 
     return loss_fn
 

@@ -137,7 +137,8 @@ class Trainer:
         (self.out / "logs" / "stages.json").write_text(json.dumps(state, indent=2, sort_keys=True))
 
     # ---------------------------------------------------------------- stages
-    def run(self, stages: Sequence[str] | None = None, *, resume: bool = False, stop_after: int | None = None) -> Path:
+    def run(self, stages: Sequence[str] | None = None, *, resume: bool = False, stop_after: int | None = None,
+            finetune: bool = False) -> Path:
         todo = list(STAGES) if not stages or list(stages) == ["all"] else list(stages)
         bad = [s for s in todo if s not in STAGES]
         if bad:
@@ -155,19 +156,26 @@ class Trainer:
             need = _DEPENDS.get(stage)
             if need and not done.get(need, {}).get("finished") and need not in todo:
                 raise ValueError(f"Stage {stage!r} needs a trained {need!r} first: run `--stage {need}` (or 'all').")
-            finished = self._run_stage(stage, resume=resume, stop_after=stop_after)
+            finished = self._run_stage(stage, resume=resume, stop_after=stop_after, finetune=finetune)
             done = self._state()
             if not finished:
                 break
         return self.model_dir
 
-    def _run_stage(self, stage: str, *, resume: bool, stop_after: int | None) -> bool:
+    def _run_stage(self, stage: str, *, resume: bool, stop_after: int | None, finetune: bool = False) -> bool:
         data, cfg, scfg = self.data, self.cfg, self.cfg.stages[stage]
         pipe = self.load_pipeline()
         pc = pipe.config
+        before = self._finetuned_from(stage) if finetune else None
+        if before is None:
+            # a (re-)run starts from the stage's initial weights, never silently from weights trained before
+            fresh = DuoDiffusion.from_config(pc, init_seed=cfg.seed)
+            pipe = DuoDiffusion(pc, pipe.components() | {stage: getattr(fresh, stage)})
+        # a fine-tune draws new data orders and noise, and keeps its own checkpoints and log
+        run_name = stage if before is None else f"{stage}+ft{before['steps']}"
         common = dict(
             num_samples=len(data.names), seed=cfg.seed, device=self.device, amp=scfg.amp or cfg.amp,
-            ckpt_root=self.out / "checkpoints" / stage, log_file=self.out / "logs" / f"{stage}.csv",
+            ckpt_root=self.out / "checkpoints" / run_name, log_file=self.out / "logs" / f"{run_name}.csv",
             resume=resume, stop_after=stop_after, progress=cfg.progress,
         )
         t0 = time.perf_counter()
@@ -178,7 +186,7 @@ class Trainer:
             latent = pc.label_latent_shape if kind == "label" else pc.image_latent_shape
             loss = autoencoder_loss(data.images, data.labels, kind=kind, num_classes=pc.num_classes,
                                     latent_shape=latent, kl_weight=scfg.kl_weight, dice_weight=scfg.dice_weight)
-            wrapper, finished = run_stage(stage, AutoencoderStep(ae), loss, scfg, use_ema=False, **common)
+            wrapper, finished = run_stage(run_name, AutoencoderStep(ae), loss, scfg, use_ema=False, **common)
             ae = wrapper.autoencoder
             self.trained[stage] = ae
             x = self._ae_inputs(kind, data.images, data.labels, pc.num_classes)
@@ -201,7 +209,7 @@ class Trainer:
                                    context_dim=pc.label_unet.cross_attention_dim,
                                    condition_dropout=scfg.condition_dropout)
                 info["attribute_mean"], info["attribute_std"] = list(pc.attribute_mean), list(pc.attribute_std)
-            unet, finished = run_stage(stage, unet, diffusion_loss(latents, pc.scheduler, **attr_kwargs), scfg,
+            unet, finished = run_stage(run_name, unet, diffusion_loss(latents, pc.scheduler, **attr_kwargs), scfg,
                                        use_ema=True, **common)
             self.trained[stage] = unet
             pipe = DuoDiffusion(pc, pipe.components() | {stage: unet.cpu()})
@@ -210,22 +218,38 @@ class Trainer:
 
             latents = self._latents(pipe, "image")
             controlnet = pipe.image_controlnet
-            if not (resume and (self.out / "checkpoints" / stage).is_dir()):
+            if before is None and not (resume and (self.out / "checkpoints" / run_name).is_dir()):
                 copy_model_state(controlnet, pipe.image_unet.state_dict())
             one_hot = F.one_hot(data.labels[:, 0].long(), pc.num_classes).movedim(-1, 1).float()
             model = ControlledUNet(pipe.image_unet, controlnet)
-            trained, finished = run_stage(stage, model, diffusion_loss(latents, pc.scheduler, one_hot=one_hot), scfg,
-                                          use_ema=True, **common)
+            loss = diffusion_loss(latents, pc.scheduler, one_hot=one_hot)
+            trained, finished = run_stage(run_name, model, loss, scfg, use_ema=True, **common)
             self.trained[stage] = trained.controlnet
             pipe = DuoDiffusion(pc, pipe.components() | {stage: trained.controlnet.cpu()})
             pipe.image_unet.requires_grad_(True)
         info.update(finished=finished, steps=scfg.steps if finished else stop_after,
                     seconds=round(time.perf_counter() - t0, 1))
+        if before is not None:
+            info.update(finetuned_from=before, total_steps=before["steps"] + info["steps"],
+                        total_seconds=round(before["seconds"] + info["seconds"], 1))
         self._save(pipe)
         self._mark(stage, info)
         if finished and self.di.is_main:
-            self._previews(stage, pipe)
+            self._previews(stage, pipe, run_name)
         return finished
+
+    def _finetuned_from(self, stage: str) -> dict:
+        """Steps and seconds behind the weights a ``finetune`` run starts from (kept across its resumes)."""
+        prev = self._state().get(stage, {})
+        if "finetuned_from" in prev and not prev.get("finished"):  # an interrupted fine-tune: same starting point
+            return dict(prev["finetuned_from"])
+        if not prev.get("finished"):
+            raise ValueError(
+                f"--finetune continues a finished stage, but {stage!r} has not finished in {self.out}: "
+                f"train it first (`--stage {stage}`), or drop --finetune."
+            )
+        return {"steps": int(prev.get("total_steps", prev.get("steps", 0))),
+                "seconds": float(prev.get("total_seconds", prev.get("seconds", 0.0)))}
 
     @staticmethod
     def _ae_inputs(kind: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -260,14 +284,14 @@ class Trainer:
         dice = compute_dice(pred_oh, x, include_background=False).mean(0)
         return {"val_dice": {n: float(d) for n, d in zip(pipe.config.label_names[1:], dice)}}
 
-    def _previews(self, stage: str, pipe: DuoDiffusion) -> None:
+    def _previews(self, stage: str, pipe: DuoDiffusion, run_name: str) -> None:
         try:
             from ..preview import plot_pairs
         except ImportError:  # pragma: no cover
             return
         out = self.out / "previews" / f"{stage}.png"
         try:
-            _plot_curve(self.out / "logs" / f"{stage}.csv", self.out / "logs" / f"{stage}.png")
+            _plot_curve(self.out / "logs" / f"{run_name}.csv", self.out / "logs" / f"{run_name}.png")
             if stage == "image_controlnet":
                 s = pipe.to(self.device).sample(4, seed=0, num_inference_steps=25, progress=False)
                 plot_pairs([i[0].numpy() for i in s.images], [lab[0].numpy() for lab in s.labels], out,
@@ -309,6 +333,7 @@ def train(
     stages: Sequence[str] | None = None,
     resume: bool = False,
     stop_after: int | None = None,
+    finetune: bool = False,
 ) -> Path:
     """Train the given stages (default all, in order) and return the pipeline folder.
 
@@ -317,6 +342,10 @@ def train(
         stages: subset of :data:`duodiff.train.config.STAGES`, or ``None``/``["all"]``.
         resume: continue from the latest checkpoint of each unfinished stage; finished stages are skipped.
         stop_after: stop a stage after this many total steps (time-boxed runs, tests); resume later.
+        finetune: train finished stages further from their current weights in ``<output_dir>/model`` (fresh
+            optimiser, warm-up and cosine schedule over the stage's ``steps``); ``logs/stages.json`` records
+            ``finetuned_from`` and the ``total_steps`` / ``total_seconds``. Without it a stage always starts
+            from its initial weights (the ControlNet from a copy of the image UNet).
 
     Example:
         >>> from duodiff.train import train
@@ -325,4 +354,4 @@ def train(
     """
     if not isinstance(config, TrainConfig):
         config = load_train_config(config)
-    return Trainer(config).run(stages, resume=resume, stop_after=stop_after)
+    return Trainer(config).run(stages, resume=resume, stop_after=stop_after, finetune=finetune)
