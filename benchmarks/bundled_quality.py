@@ -23,20 +23,13 @@ import torch
 
 def load_real(model, data_root: str, split_file: str, subset: str,
               resample: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    from duodiff.train.config import DataConfig
-    from duodiff.train.data import find_cases, preprocess_case, read_split
+    """The real cases of ``subset``, preprocessed as in training (resampled to the model's spacing if asked)."""
+    from duodiff.train.data import load_split_cases
 
-    names = set(read_split(split_file)[subset])
-    cases = [c for c in find_cases(data_root) if c.name in names]
-    # resample: to the model's voxel spacing, as a training run with `target_spacing` did (the liver example)
-    cfg = DataConfig(root=data_root, target_spacing=tuple(model.config.spacing) if resample else ())
-    values = list(range(model.config.num_classes))
-    imgs, labs = [], []
-    for c in cases:
-        img, lab, _ = preprocess_case(c, cfg, model.config.volume_shape, values)
-        imgs.append(img)
-        labs.append(lab)
-    return torch.from_numpy(np.stack(imgs)), torch.from_numpy(np.stack(labs)).long(), [c.name for c in cases]
+    c = model.config
+    images, labels, names = load_split_cases(data_root, split_file, subset, c.volume_shape, c.num_classes,
+                                             target_spacing=tuple(c.spacing) if resample else ())
+    return images, labels.long(), names
 
 
 def label_stats(images: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict:
@@ -134,7 +127,7 @@ def main() -> None:
             "seed": args.seed, "torch_threads": torch.get_num_threads()}
     (out / "quality.json").write_text(json.dumps({"meta": meta, **summary}, indent=2))
     (out / "quality.md").write_text(to_markdown(summary, meta))
-    k = 4
+    k = min(4, len(real_img), len(s.images))
     plot_pairs([real_img[i, 0].numpy() for i in range(k)] + [s.images[i, 0].numpy() for i in range(k)],
                [real_lab[i, 0].numpy() for i in range(k)] + [s.labels[i, 0].numpy() for i in range(k)],
                out / "real_vs_synthetic.png",

@@ -54,8 +54,7 @@ def main() -> None:
 
     from duodiff import DuoDiffusion
     from duodiff.preview import _require_matplotlib
-    from duodiff.train.config import DataConfig
-    from duodiff.train.data import find_cases, preprocess_case, read_split
+    from duodiff.train.data import load_split_cases
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,13 +63,8 @@ def main() -> None:
     if "volume" not in c.attributes:
         raise SystemExit(f"{args.model} is not volume-conditioned (attributes={list(c.attributes)}).")
     voxel_ml = math.prod(c.spacing) / 1000.0
-    train_names = set(read_split(args.split)["train"])
-    cases = [x for x in find_cases(args.data) if x.name in train_names]
-    vols = {n: [] for n in c.label_names[1:]}
-    for case in cases:
-        _, lab, _ = preprocess_case(case, DataConfig(root=args.data), c.volume_shape, list(range(c.num_classes)))
-        for k, n in enumerate(c.label_names[1:], start=1):
-            vols[n].append(int((lab == k).sum()))
+    _, train_labels, cases = load_split_cases(args.data, args.split, "train", c.volume_shape, c.num_classes)
+    vols = {n: (train_labels[:, 0] == k).flatten(1).sum(1).tolist() for k, n in enumerate(c.label_names[1:], start=1)}
     results: dict = {"meta": {"model": args.model, "sampler": f"DDIM-{args.steps} {args.dtype}",
                               "train_cases": len(cases)}, "classes": {}}
     t0 = time.perf_counter()

@@ -97,10 +97,7 @@ def load_real(data_root: str | os.PathLike, split_file: str | os.PathLike, volum
         dict with ``train_images``/``test_images`` float32 ``(N, 1, H, W, D)`` in [0, 1],
         ``train_labels``/``test_labels`` uint8 ``(N, 1, H, W, D)`` in ``0..K-1`` and the case names.
     """
-    from tqdm.auto import tqdm
-
-    from duodiff.train.config import DataConfig
-    from duodiff.train.data import find_cases, preprocess_case, read_split
+    from duodiff.train.data import load_split_cases, read_split
 
     split = read_split(split_file)
     if not split.get("test"):
@@ -114,22 +111,11 @@ def load_real(data_root: str | os.PathLike, split_file: str | os.PathLike, volum
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             return {k: (z[k].tolist() if k.endswith("names") else torch.from_numpy(z[k])) for k in z.files}
-    by_name = {c.name: c for c in find_cases(data_root)}
-    missing = [n for n in split["train"] + split["test"] if n not in by_name]
-    if missing:
-        raise FileNotFoundError(f"Split {str(split_file)!r} names cases not in {str(data_root)!r}: {missing[:5]}.")
-    cfg = DataConfig(root=str(data_root), target_spacing=tuple(float(v) for v in target_spacing))
-    values = list(range(num_classes))
     out: dict[str, Any] = {}
     for subset in ("train", "test"):
-        imgs, labs = [], []
-        for name in tqdm(split[subset], desc=f"preprocessing {subset}", disable=not progress, leave=False):
-            img, lab, _ = preprocess_case(by_name[name], cfg, shape, values)
-            imgs.append(img)
-            labs.append(lab)
-        out[f"{subset}_images"] = torch.from_numpy(np.stack(imgs))
-        out[f"{subset}_labels"] = torch.from_numpy(np.stack(labs))
-        out[f"{subset}_names"] = list(split[subset])
+        images, labels, names = load_split_cases(data_root, split_file, subset, shape, num_classes,
+                                                 target_spacing=target_spacing, progress=progress)
+        out[f"{subset}_images"], out[f"{subset}_labels"], out[f"{subset}_names"] = images, labels, names
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")

@@ -18,7 +18,7 @@ from duodiff import DuoDiffusion
 from duodiff.io import spacing_affine, write_nifti
 from duodiff.testing import phantom_pair
 from duodiff.train import STAGES, TrainConfig, load_train_config, train
-from duodiff.train.data import BadCaseError, find_cases, prepare_dataset
+from duodiff.train.data import BadCaseError, find_cases, load_split_cases, prepare_dataset, preprocess_case
 
 SHAPE = (16, 16, 16)
 
@@ -135,6 +135,24 @@ def test_train_all_stages_writes_loadable_pipeline(dataset, tmp_path):
     assert pipe.config.label_scale_factor != 1.0 and pipe.config.image_scale_factor != 1.0
     out = pipe.sample(2, seed=0, num_inference_steps=2, progress=False)
     assert out.images.shape == (2, 1, *SHAPE)
+
+
+def test_load_split_cases_matches_training_preprocessing(dataset, tmp_path):
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["case_000", "case_001"], "test": ["case_003", "case_002"]}))
+    images, labels, names = load_split_cases(dataset, split, "test", SHAPE, 3)
+    assert names == ["case_003", "case_002"]  # the split's order
+    assert images.shape == (2, 1, *SHAPE) and images.dtype == torch.float32
+    assert labels.shape == (2, 1, *SHAPE) and labels.dtype == torch.uint8
+    cfg = make_config(tmp_path, dataset).data
+    case = {c.name: c for c in find_cases(dataset)}["case_002"]
+    img, lab, _ = preprocess_case(case, cfg, SHAPE, [0, 1, 2])
+    assert np.array_equal(images[1].numpy(), img) and np.array_equal(labels[1].numpy(), lab)
+    with pytest.raises(ValueError, match="no 'val' cases"):
+        load_split_cases(dataset, split, "val", SHAPE, 3)
+    split.write_text(json.dumps({"train": [], "test": ["case_404"]}))
+    with pytest.raises(FileNotFoundError, match="case_404"):
+        load_split_cases(dataset, split, "test", SHAPE, 3)
 
 
 def test_losses_decrease_over_a_short_run(dataset, tmp_path):

@@ -23,7 +23,8 @@ import torch
 from ..io import NIFTI_SUFFIX, atomic_write
 from .config import DataConfig
 
-__all__ = ["Case", "PreparedData", "find_cases", "read_split", "preprocess_case", "prepare_dataset", "BadCaseError"]
+__all__ = ["Case", "PreparedData", "find_cases", "read_split", "preprocess_case", "prepare_dataset", "load_split_cases",
+           "BadCaseError"]
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +235,55 @@ def preprocess_case(case: Case, cfg: DataConfig, volume_shape: Sequence[int], la
     if spacing:
         facts["spacing"] = spacing
     return image.astype(np.float32), label.astype(np.uint8), facts
+
+
+def load_split_cases(
+    data_root: str | os.PathLike,
+    split_file: str | os.PathLike,
+    subset: str,
+    volume_shape: Sequence[int],
+    num_classes: int,
+    *,
+    target_spacing: Sequence[float] = (),
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The cases of one subset of a split, preprocessed exactly as training does (for benchmarks).
+
+    Args:
+        data_root: MSD / nnU-Net raw folder.
+        split_file: split JSON (see :func:`read_split`); ``subset`` is one of its keys, e.g. ``"test"``.
+        volume_shape: ``(H, W, D)`` of the model, the crop/pad target.
+        num_classes: labels must be ids ``0..num_classes-1``.
+        target_spacing: resample to this voxel size (mm) first, as a run with ``[data].target_spacing`` did.
+
+    Returns:
+        images float32 ``(N, C, H, W, D)`` in [0, 1], labels uint8 ``(N, 1, H, W, D)`` in ``0..K-1`` and the
+        case names, in the split's order.
+
+    Raises:
+        ValueError: ``subset`` missing or empty in the split. FileNotFoundError: the split names absent cases.
+    """
+    split = read_split(split_file)
+    names = split.get(subset) or []
+    if not names:
+        raise ValueError(f"Split file {str(split_file)!r} has no {subset!r} cases; it has {sorted(split)}.")
+    by_name = {c.name: c for c in find_cases(data_root)}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise FileNotFoundError(f"Split {str(split_file)!r} names cases not in {str(data_root)!r}: {missing[:5]}.")
+    cfg = DataConfig(root=str(data_root), target_spacing=tuple(float(v) for v in target_spacing))
+    values = list(range(num_classes))
+    images, labels = [], []
+    todo = names
+    if progress:
+        from tqdm.auto import tqdm
+
+        todo = tqdm(names, desc=f"preprocessing {subset}", leave=False)
+    for name in todo:
+        img, lab, _ = preprocess_case(by_name[name], cfg, volume_shape, values)
+        images.append(img)
+        labels.append(lab)
+    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels)), list(names)
 
 
 @dataclass
