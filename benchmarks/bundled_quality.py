@@ -58,13 +58,32 @@ def summarise(real: dict, synth: dict, names: list[str]) -> dict:
     synth_int = {n: float(np.nanmean(synth["mean_intensity"][n])) for n in names}
     order_real = sorted(names, key=real_int.get)
     order_synth = sorted(names, key=synth_int.get)
+    # how sure each ordering is: per-volume difference of adjacent classes (real order), 95 % bootstrap CI
+    gaps = []
+    for lo, hi in zip(order_real, order_real[1:]):
+        gap = {"lower": lo, "higher": hi}
+        for kind, d in (("real", real), ("synthetic", synth)):
+            diff = np.asarray(d["mean_intensity"][hi], float) - np.asarray(d["mean_intensity"][lo], float)
+            gap[kind] = bootstrap_mean_ci(diff[np.isfinite(diff)])
+        gaps.append(gap)
     return {
         "volume": rows,
         "all_classes_present": {"real": real["all_classes_present"], "synthetic": synth["all_classes_present"],
                                 "target_met": synth["all_classes_present"] >= 0.9},
         "mean_intensity": {"real": real_int, "synthetic": synth_int, "order_real": order_real,
-                           "order_synthetic": order_synth, "same_order": order_real == order_synth},
+                           "order_synthetic": order_synth, "same_order": order_real == order_synth,
+                           "adjacent_gaps": gaps},
     }
+
+
+def bootstrap_mean_ci(x: np.ndarray, *, n: int = 2000, seed: int = 0) -> dict:
+    """Mean of ``x`` with a 95 % percentile-bootstrap interval (seeded)."""
+    if len(x) == 0:
+        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), (n, len(x)))].mean(1)
+    return {"mean": float(x.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+            "n": int(len(x))}
 
 
 def to_markdown(s: dict, meta: dict) -> str:
@@ -84,7 +103,13 @@ def to_markdown(s: dict, meta: dict) -> str:
     for name in m["real"]:
         lines.append(f"| {name} | {m['real'][name]:.3f} | {m['synthetic'][name]:.3f} |")
     lines += ["", f"Intensity order (low to high): real {m['order_real']}, synthetic {m['order_synthetic']} — "
-              f"{'same order' if m['same_order'] else 'DIFFERENT order'}.", ""]
+              f"{'same order' if m['same_order'] else 'DIFFERENT order'}.", "",
+              "Per-volume gap between adjacent classes of the real order (mean, 95 % bootstrap interval):", "",
+              "| gap | real | synthetic |", "|---|---|---|"]
+    for g in m["adjacent_gaps"]:
+        cells = [f"{g[k]['mean']:+.3f} [{g[k]['ci95'][0]:+.3f}, {g[k]['ci95'][1]:+.3f}]" for k in ("real", "synthetic")]
+        lines.append(f"| {g['higher']} − {g['lower']} | {cells[0]} | {cells[1]} |")
+    lines.append("")
     return "\n".join(lines)
 
 
