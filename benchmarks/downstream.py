@@ -307,6 +307,9 @@ def train(net: nn.Module, data: Iterator[dict[str, torch.Tensor]], *, steps: int
         with _autocast(amp):
             logits = net(image)
         loss = loss_fn(logits.float(), label)
+        if not torch.isfinite(loss):  # a diverged run would otherwise be recorded as Dice 0
+            raise FloatingPointError(f"{desc}: the loss became {loss.item()} at step {len(losses)} "
+                                     f"(amp={amp!r}); use --amp none or a lower --lr.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -96,3 +96,14 @@ def test_networks_build_and_runs_are_seeded(setup):
         ds.build_network("vnet", in_channels=1, out_channels=3, volume_shape=(32, 40, 32))
     with pytest.raises(ValueError, match="not possible"):
         ds.real_subset(5, 6, 0)
+
+
+def test_a_diverged_run_fails_loudly_instead_of_scoring_zero(setup):
+    """A NaN loss (e.g. bf16 VNet on CPU) must stop the run, not be recorded as Dice 0."""
+    ds, *_ = setup
+    images = torch.rand(2, 1, 16, 16, 16)
+    images[0, 0, 0, 0, 0] = float("nan")
+    labels = torch.from_numpy(np.stack([phantom_pair((16, 16, 16), seed=i)[1][None] for i in range(2)]))
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        ds.run_one("unet", "real", 0, ds.as_items(images, labels), [], images, labels, num_classes=3, steps=2,
+                   batch_size=2, lr=1e-3, progress=False)

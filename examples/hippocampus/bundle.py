@@ -25,7 +25,7 @@ def card_text(pipe: DuoDiffusion, run: Path, quality: dict | None, control_md: s
     stages = json.loads((run / "logs" / "stages.json").read_text())
     cfg = json.loads((run / "train_config.json").read_text())
     split = json.loads((ROOT / "examples" / "hippocampus" / "split.json").read_text())
-    total = sum(s.get("seconds", 0) for s in stages.values())
+    total = sum(s.get("total_seconds", s.get("seconds", 0)) for s in stages.values())
     lines = [
         "## Training data",
         "",
@@ -43,8 +43,11 @@ def card_text(pipe: DuoDiffusion, run: Path, quality: dict | None, control_md: s
         "",
         "## Training",
         "",
-        "`DUODIFF_DATA=../shared/data duodiff train examples/hippocampus/train.toml` on a 2-core CPU "
-        f"(bf16 autocast), seed {cfg['seed']}. Total wall time {total / 60:.0f} min "
+        "`DUODIFF_DATA=../shared/data duodiff train examples/hippocampus/train.toml`"
+        + (", then `duodiff train examples/hippocampus/finetune.toml --stage "
+           + " --stage ".join(n for n, st in stages.items() if "finetuned_from" in st) + " --finetune`"
+           if any("finetuned_from" in st for st in stages.values()) else "")
+        + f" on a 2-core CPU, seed {cfg['seed']}. Total wall time {total / 60:.0f} min "
         "(the machine was shared with other jobs, so this is an upper bound).",
         "",
         "| stage | steps | batch | wall time (min) | notes |",
@@ -59,8 +62,11 @@ def card_text(pipe: DuoDiffusion, run: Path, quality: dict | None, control_md: s
             notes.append(f"val L1 {s['val_l1']:.4f}")
         if "scale_factor" in s:
             notes.append(f"scale factor {s['scale_factor']:.3f}")
-        lines.append(f"| {name} | {s.get('steps')} | {sc['batch_size']} | {s.get('seconds', 0) / 60:.1f} | "
-                     f"{'; '.join(notes)} |")
+        steps, seconds = s.get("total_steps", s.get("steps")), s.get("total_seconds", s.get("seconds", 0))
+        if "finetuned_from" in s:
+            notes.insert(0, f"{s['finetuned_from']['steps']} steps, then fine-tuned {s['steps']} more "
+                            "(warm restart, `--finetune`)")
+        lines.append(f"| {name} | {steps} | {sc['batch_size']} | {seconds / 60:.1f} | {'; '.join(notes)} |")
     if quality:
         q = quality
         lines += ["", "## Quality (64 samples vs the 20 real test cases)", "",
@@ -78,15 +84,27 @@ def card_text(pipe: DuoDiffusion, run: Path, quality: dict | None, control_md: s
                      f"{' < '.join(m['order_synthetic'])} — {'met' if m['same_order'] else 'NOT met'} |")
     if control_md:
         lines += ["", "## Volume conditioning", "", control_md.replace("# Controllability", "### Controllability")]
+    gap_text = ""
+    if quality and quality["mean_intensity"].get("adjacent_gaps"):
+        g = {f"{x['higher']}-{x['lower']}": x for x in quality["mean_intensity"]["adjacent_gaps"]}
+        fmt = "{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]".format
+        cells = {k: {kind: fmt(mean=v[kind]["mean"], lo=v[kind]["ci95"][0], hi=v[kind]["ci95"][1])
+                     for kind in ("real", "synthetic")} for k, v in g.items()}
+        bg = next((k for k in cells if k.startswith("background-")), None)
+        ap_gap = next((k for k in cells if not k.startswith("background-")), None)
+        if bg:
+            gap_text += (f" The hippocampus is less dark against its surroundings than in real scans ({bg} mean "
+                         f"intensity gap per volume, 95 % interval: synthetic {cells[bg]['synthetic']}, real "
+                         f"{cells[bg]['real']}).")
+        if ap_gap:
+            gap_text += (f" The Anterior/Posterior difference is tiny even in real data ({ap_gap}: real "
+                         f"{cells[ap_gap]['real']}, synthetic {cells[ap_gap]['synthetic']}), so whether 64 samples "
+                         "reproduce that order is close to a coin flip.")
     lines += ["", "## Limitations", "",
               f"Small CPU-trained model ({total / 60:.0f} min on 2 cores) at 32 x 48 x 32 voxels: label shapes and "
               "volumes match the real data well, but images are blurrier and blob-like compared with real MRI, and "
-              "the image ControlNet follows the label only loosely: the hippocampus is less dark against its "
-              "surroundings than in real scans, and the real Anterior/Posterior "
-              "intensity order (means 0.405 vs 0.398, nearly equal) is not reproduced. Training the ControlNet "
-              "6,000 instead of 2,000 steps brought the synthetic means from 0.453 / 0.496 to 0.439 / 0.442 "
-              "(Anterior / Posterior). Intended for demos, tests and as a starting point, not "
-              "for clinical use."]
+              "the image ControlNet follows the label only loosely." + gap_text + " Intended for demos, tests and "
+              "as a starting point, not for clinical use."]
     return model_card(pipe, license="cc-by-sa-4.0", extra="\n".join(lines))
 
 
