@@ -56,7 +56,8 @@ FORMAT = "duodiff-downstream-v1"
 
 # Settings that change the numbers of a run; a results file only holds runs made with one set of them.
 RESULT_SETTINGS = ("steps", "batch_size", "lr", "weight_decay", "amp", "num_synthetic", "synthetic_seed",
-                   "gen_steps", "gen_dtype", "model", "data", "split", "volume_shape", "min_real_per_batch")
+                   "gen_steps", "gen_dtype", "model", "data", "split", "volume_shape", "min_real_per_batch",
+                   "vnet_dropout")
 
 
 # ============================================================================================ data
@@ -258,8 +259,12 @@ def parse_condition(condition: str) -> float:
 
 
 # ============================================================================================ networks
-def build_network(name: str, *, in_channels: int, out_channels: int, volume_shape: Sequence[int]) -> nn.Module:
-    """A MONAI segmentation network; checks that ``volume_shape`` suits it."""
+def build_network(name: str, *, in_channels: int, out_channels: int, volume_shape: Sequence[int],
+                  vnet_dropout: float | None = None) -> nn.Module:
+    """A MONAI segmentation network; checks that ``volume_shape`` suits it.
+
+    ``vnet_dropout``: probability of every VNet dropout layer (``None``: MONAI's defaults, 0.5 each).
+    """
     from monai.networks import nets
 
     need = {"unet": 8, "dynunet": 8, "vnet": 16}
@@ -276,7 +281,12 @@ def build_network(name: str, *, in_channels: int, out_channels: int, volume_shap
         return nets.DynUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
                             kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2],
                             filters=[16, 32, 64, 128], norm_name="instance", res_block=True)
-    return nets.VNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels)
+    net = nets.VNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels)
+    if vnet_dropout is not None:  # VNet's constructor cannot reach the skip dropout of its two top up-blocks
+        for m in net.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.p = float(vnet_dropout)
+    return net
 
 
 # ============================================================================================ train / eval
@@ -354,7 +364,8 @@ def run_key(network: str, num_real: int, condition: str, seed: int) -> str:
 def run_one(network: str, condition: str, seed: int, real: list[dict], synthetic: list[dict],
             test_images: torch.Tensor, test_labels: torch.Tensor, *, num_classes: int, steps: int,
             batch_size: int, lr: float, weight_decay: float = 1e-5, amp: str | None = None,
-            min_real_per_batch: int = 0, progress: bool = True) -> dict[str, Any]:
+            min_real_per_batch: int = 0, progress: bool = True,
+            vnet_dropout: float | None = None) -> dict[str, Any]:
     """Train one network under one condition and evaluate it on the test arrays.
 
     The network is initialised (and dropout drawn) from ``seed`` inside ``torch.random.fork_rng``, so the
@@ -365,7 +376,7 @@ def run_one(network: str, condition: str, seed: int, real: list[dict], synthetic
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = build_network(network, in_channels=int(test_images.shape[1]), out_channels=num_classes,
-                            volume_shape=shape)
+                            volume_shape=shape, vnet_dropout=vnet_dropout)
         data = batches(condition, real, synthetic, batch_size=batch_size, seed=seed,
                        min_real_per_batch=min_real_per_batch)
         stats = train(net, data, steps=steps, lr=lr, weight_decay=weight_decay, amp=amp, progress=progress,
@@ -439,6 +450,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--amp", default="none", choices=["none", "bfloat16"],
                     help="autocast dtype of the segmentation nets (bfloat16: ~1.7x faster DynUNet/VNet on CPU, but "
                          "not bit-reproducible and NaN-prone with instance norm on tiny bottlenecks)")
+    ap.add_argument("--vnet-dropout", type=float, default=None,
+                    help="probability of every VNet dropout layer (default: MONAI's, 0.5 each)")
     ap.add_argument("--num-synthetic", type=int, default=200, help="synthetic pairs in the pool")
     ap.add_argument("--synthetic-seed", type=int, default=100_000, help="seed of the first synthetic pair")
     ap.add_argument("--gen-steps", type=int, default=50, help="DDIM steps per stage for the synthetic pool")
@@ -496,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "split": _file_digest(Path(args.split)), "volume_shape": list(shape),
         "min_real_per_batch": args.min_real_per_batch, "num_classes": num_classes,
         "label_names": list(config.label_names), "num_train_cases": num_train,
-        "num_test_cases": len(real_data["test_names"]),
+        "num_test_cases": len(real_data["test_names"]), "vnet_dropout": args.vnet_dropout,
     }
     out = Path(args.out)
     results = load_results(out, settings)
@@ -527,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         res = run_one(net, cond, seed, real, synthetic, test_images, test_labels, num_classes=num_classes,
                       steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       amp=None if args.amp == "none" else args.amp, min_real_per_batch=args.min_real_per_batch,
-                      progress=progress)
+                      progress=progress, vnet_dropout=args.vnet_dropout)
         results["runs"][key] = res
         session["seconds"] = time.perf_counter() - t_start
         save_results(out, results)

@@ -107,3 +107,11 @@ def test_a_diverged_run_fails_loudly_instead_of_scoring_zero(setup):
     with pytest.raises(FloatingPointError, match="loss became nan"):
         ds.run_one("unet", "real", 0, ds.as_items(images, labels), [], images, labels, num_classes=3, steps=2,
                    batch_size=2, lr=1e-3, progress=False)
+
+
+def test_vnet_dropout_option(setup):
+    ds, *_ = setup
+    probs = lambda net: sorted({m.p for m in net.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)})  # noqa: E731
+    assert probs(ds.build_network("vnet", in_channels=1, out_channels=3, volume_shape=(16, 16, 16))) == [0.5]
+    assert probs(ds.build_network("vnet", in_channels=1, out_channels=3, volume_shape=(16, 16, 16),
+                                  vnet_dropout=0.0)) == [0.0]
