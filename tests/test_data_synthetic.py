@@ -18,14 +18,16 @@ from duodiff import SyntheticPairDataset
 from duodiff.data.synthetic import EPOCH_SEED_STRIDE, StreamingSyntheticPairDataset, _check_device_usable
 from duodiff.io import read_nifti, write_json, write_nifti
 from duodiff.testing import phantom_pair
+from duodiff.threads import GENERATION_THREADS, intra_op_threads
 
 STEPS = 2
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_pipe):
-    """pipe.sample(1, seed=s) for s in 0..5: what item s of a map-style dataset must equal."""
-    outs = [tiny_pipe.sample(1, seed=s, num_inference_steps=STEPS, progress=False) for s in range(6)]
+    """pipe.sample(1, seed=s) for s in 0..5 with the dataset's generation thread count: what item s must equal."""
+    with intra_op_threads(GENERATION_THREADS):
+        outs = [tiny_pipe.sample(1, seed=s, num_inference_steps=STEPS, progress=False) for s in range(6)]
     return {s: (o.images[0], o.labels[0]) for s, o in enumerate(outs)}
 
 
@@ -104,6 +106,39 @@ def test_items_are_the_same_in_dataloader_workers(tiny_pipe, reference):
     assert [it["seed"] for it in items] == [0, 1, 2, 3]
     for it in items:
         assert same_item(it, reference[it["seed"]])
+
+
+@pytest.mark.parametrize("caller_threads", [1, 2, 3])
+def test_item_does_not_depend_on_the_callers_thread_count(tiny_pipe, reference, caller_threads):
+    """The promise behind worker == main == cache: generation pins its own intra-op thread count."""
+    ds = SyntheticPairDataset(tiny_pipe, num_samples=2, num_inference_steps=STEPS)
+    with intra_op_threads(caller_threads):
+        item = ds[1]
+        assert torch.get_num_threads() == caller_threads  # restored after generating
+    assert same_item(item, reference[1])
+
+
+def test_num_threads_is_validated(tiny_pipe):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_threads must be a positive int or None"):
+            SyntheticPairDataset(tiny_pipe, num_samples=1, num_threads=bad)
+
+
+def test_intra_op_threads_is_per_python_thread():
+    """Pinning threads in a generation thread leaves a training loop beside it alone."""
+    before = torch.get_num_threads()
+    seen = []
+
+    def generate():
+        with intra_op_threads(1):
+            seen.append(torch.get_num_threads())
+
+    with intra_op_threads(2):
+        t = threading.Thread(target=generate)
+        t.start()
+        t.join()
+        assert torch.get_num_threads() == 2
+    assert seen[0] == 1 and torch.get_num_threads() == before
 
 
 def test_spawn_worker_generates_the_same_items(tiny_pipe, reference):

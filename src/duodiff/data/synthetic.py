@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .. import keys
+from ..threads import GENERATION_THREADS, check_num_threads, intra_op_threads
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..export import Case
@@ -166,6 +167,12 @@ class SyntheticPairDataset(Dataset):
             reproducible for a fixed batch size; with ``1`` they equal the map-style items bit for bit.
         rank: streaming only: this process's DDP rank (default: from ``torch.distributed``).
         world_size: streaming only: number of DDP processes (pass together with ``rank``).
+        num_threads: intra-op threads used to generate on the CPU (default 1, what every DataLoader worker
+            uses). CPU convolutions sum in an order that depends on the thread count, so a pinned count is what
+            makes item ``i`` bit-identical in the main process, in forked, spawned or persistent workers and
+            from the cache; it equals ``pipe.sample(1, seed=seed + i)`` run with ``torch.set_num_threads(
+            num_threads)``. ``None`` uses the calling thread's count (faster in a main process with idle
+            cores; items then match only where the thread counts match). Ignored on CUDA.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SyntheticPairDataset:
@@ -192,6 +199,7 @@ class SyntheticPairDataset(Dataset):
         rank: int | None = None,
         world_size: int | None = None,
         sample_kwargs: dict[str, Any] | None = None,
+        num_threads: int | None = GENERATION_THREADS,
     ) -> None:
         from ..pipeline import DuoDiffusion
         from ..schedulers import check_num_inference_steps
@@ -246,6 +254,8 @@ class SyntheticPairDataset(Dataset):
             ))
         self._dtype = dtype
         self.transform = transform
+        check_num_threads(num_threads)
+        self.num_threads = num_threads
         self.pool_size = pool_size
         self.generation_batch_size = generation_batch_size
         self.rank, self.world_size = rank, world_size
@@ -283,6 +293,7 @@ class SyntheticPairDataset(Dataset):
         self.seed = 0
         self.generation = {}
         self.sample_kwargs = {}
+        self.num_threads = None
         self._dtype = None
         self.transform = transform
         self.pool_size = self.generation_batch_size = 1
@@ -361,9 +372,11 @@ class SyntheticPairDataset(Dataset):
         """Generate the pairs of ``seeds`` in one call (no transform applied)."""
         _check_device_usable(self.pipe)
         g = self.generation
-        out = self.pipe.sample(len(seeds), seed=list(seeds), num_inference_steps=g["num_inference_steps"],
-                               scheduler=g["scheduler"], dtype=self._dtype,
-                               conditioning_scale=g["conditioning_scale"], progress=False, **self.sample_kwargs)
+        with intra_op_threads(self.num_threads, self.pipe.device):
+            out = self.pipe.sample(len(seeds), seed=list(seeds), num_inference_steps=g["num_inference_steps"],
+                                   scheduler=g["scheduler"], dtype=self._dtype,
+                                   conditioning_scale=g["conditioning_scale"], progress=False,
+                                   **self.sample_kwargs)
         return [_as_item(out.images[i], out.labels[i], out.affine, s) for i, s in enumerate(out.seeds)]
 
     def cache_path(self, seed: int) -> Path:
