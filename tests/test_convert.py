@@ -220,6 +220,122 @@ def test_wrapped_and_ddp_prefixed_checkpoints(tiny_pipe, tmp_path):
     _assert_same_weights(tiny_pipe, pipe)
 
 
+@pytest.fixture
+def process_group(tmp_path_factory):
+    """A one-process gloo group for one test, so real ``DistributedDataParallel`` wrappers build on the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # pragma: no cover - another test left one
+        yield
+        return
+    store = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+_WRAPPERS = {
+    "ddp": lambda m: torch.nn.parallel.DistributedDataParallel(m),
+    "dp": torch.nn.DataParallel,
+    "compile": torch.compile,  # an OptimizedModule: keys get "_orig_mod."; nothing compiles until it is called
+}
+#: innermost wrapper first: ("ddp", "compile") is torch.compile(DDP(net)), keys "_orig_mod.module.*"
+_WRAPPER_COMBOS = [
+    ("ddp",), ("dp",), ("compile",),
+    ("ddp", "compile"), ("compile", "ddp"), ("compile", "dp"), ("dp", "compile"), ("dp", "ddp"), ("ddp", "dp"),
+    ("compile", "ddp", "compile"), ("dp", "compile", "ddp"), ("ddp", "dp", "compile"),
+]
+
+
+def _wrapped_state(module: torch.nn.Module, combo: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    import copy
+
+    net = copy.deepcopy(module)  # DDP registers hooks on its module: never wrap the shared fixture
+    for name in combo:
+        net = _WRAPPERS[name](net)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("combo", _WRAPPER_COMBOS, ids=["+".join(c) for c in _WRAPPER_COMBOS])
+def test_checkpoints_of_wrapped_models_import_identically(tiny_pipe, tmp_path, process_group, combo):
+    """DDP / DataParallel / torch.compile in any nesting: the same weights, never blamed on the config."""
+    folder = tmp_path / "pt"
+    folder.mkdir()
+    paths = {}
+    for name in keys.COMPONENTS:
+        state = _wrapped_state(getattr(tiny_pipe, name), combo)
+        assert all(k.startswith(("module.", "_orig_mod.")) for k in state)
+        paths[name] = folder / f"{name}.pt"
+        torch.save({"model": state, "epoch": 3}, paths[name])  # a training checkpoint around it
+    pipe, infos = import_checkpoints(tiny_pipe.config, paths)
+    assert [i.source_format for i in infos] == ["monai"] * 5
+    _assert_same_weights(tiny_pipe, pipe)
+    # the in-memory path (import_component) unwraps the same way
+    state = _wrapped_state(tiny_pipe.image_unet, combo)
+    module, _ = import_component("image_unet", tiny_pipe.config, state)
+    assert all(torch.equal(v, tiny_pipe.image_unet.state_dict()[k]) for k, v in module.state_dict().items())
+
+
+def test_checkpoint_with_a_compiled_submodule_imports_identically(tiny_pipe, process_group):
+    import copy
+
+    net = copy.deepcopy(tiny_pipe.label_autoencoder)
+    net.decoder = torch.compile(net.decoder)  # keys "decoder._orig_mod.*"
+    state = _wrapped_state(net, ("compile", "ddp"))
+    assert any(k.startswith("module._orig_mod.decoder._orig_mod.") for k in state)
+    module, info = import_component("label_autoencoder", tiny_pipe.config, state)
+    assert info.source_format == "monai"
+    expected = tiny_pipe.label_autoencoder.state_dict()
+    assert module.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in module.state_dict().items())
+
+
+@pytest.mark.parametrize("combo", [(), ("ddp",), ("ddp", "compile"), ("compile", "dp", "ddp")])
+def test_wrong_checkpoint_in_wrappers_still_gets_the_config_error(tiny_pipe, tmp_path, process_group, combo):
+    """Unwrapping never hides a real mismatch: a wider UNet's weights do not fit the tiny image UNet."""
+    from duodiff.models import build_component
+
+    cfg = tiny_pipe.config
+    wider = cfg.replace(image_unet=cfg.image_unet.replace(channels=(8, 24)),
+                        image_controlnet=cfg.image_controlnet.replace(channels=(8, 24)))
+    state = _wrapped_state(build_component("image_unet", wider), combo)
+    with pytest.raises(ModelLoadError, match="image_unet's config"):
+        import_component("image_unet", tiny_pipe.config, state)
+    torch.save(state, tmp_path / "wrong.pt")
+    paths = _save_state_dicts(tiny_pipe, tmp_path / "pt")
+    paths["image_unet"] = tmp_path / "wrong.pt"
+    with pytest.raises(ModelLoadError, match="image_unet's config"):
+        import_checkpoints(tiny_pipe.config, paths)
+
+
+def test_prefix_on_only_some_keys_is_not_stripped(tiny_pipe):
+    state = dict(tiny_pipe.image_unet.state_dict())
+    first = next(iter(state))
+    state[f"module.{first}"] = state.pop(first)
+    with pytest.raises(ModelLoadError, match=r"image_unet's config"):
+        import_component("image_unet", tiny_pipe.config, state)
+
+
+def test_keys_colliding_after_unwrapping_are_refused(tiny_pipe):
+    from duodiff.convert import strip_wrapper_prefixes
+
+    w = torch.zeros(1)
+    assert strip_wrapper_prefixes({"_orig_mod.module.a._orig_mod.b": w}) == {"a.b": w}
+    with pytest.raises(ValueError, match="collide"):
+        strip_wrapper_prefixes({"a._orig_mod.b": w, "a.b": w})
+
+
+def test_wrapped_legacy_checkpoint_converts_with_parity(tmp_path, process_group):
+    """A MONAI Generative 0.2.3 network trained under torch.compile(DDP(...)) converts like an unwrapped one."""
+    config = parity_config()
+    old = build_old("image_unet", config, seed=3)
+    module, info = import_component("image_unet", config, _wrapped_state(old, ("ddp", "compile")))
+    assert info.source_format == "monai-generative"
+    assert compare("image_unet", old, module, config) <= TOL
+
+
 def test_several_state_dicts_need_a_key(tiny_pipe, tmp_path):
     sd = tiny_pipe.label_unet.state_dict()
     path = tmp_path / "ckpt.pt"

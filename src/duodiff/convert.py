@@ -41,12 +41,16 @@ __all__ = [
     "load_checkpoint",
     "import_component",
     "rename_old_controlnet_keys",
+    "strip_wrapper_prefixes",
     "import_checkpoints",
     "convert_checkpoints",
 ]
 
-#: Prefixes added by ``DistributedDataParallel`` and ``torch.compile``; stripped when every key has one.
+#: Prefixes added by ``DistributedDataParallel`` / ``DataParallel`` and ``torch.compile``; stripped (in any
+#: order and nesting) while every key has one.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: ``torch.compile`` of a submodule puts ``_orig_mod.`` inside keys (``encoder._orig_mod.conv.weight``).
+_COMPILED_SUBMODULE = re.compile(r"(?:^|(?<=\.))_orig_mod\.")
 
 # An old self-attention block is ``...attentions.<i>`` or ``middle_block.attention`` (not a transformer block).
 _OLD_ATTN = r"(?P<block>(?:.*\.)?(?:attentions\.\d+|middle_block\.attention))"
@@ -115,7 +119,8 @@ def load_checkpoint(path: str | os.PathLike, *, key: str | None = None) -> dict[
 
     Accepts a plain state dict, or a checkpoint dict holding exactly one state dict (e.g. MONAI bundle /
     training checkpoints ``{"model": {...}, "epoch": 3}``); ``key`` picks one when there are several.
-    A ``module.`` (DDP) or ``_orig_mod.`` (``torch.compile``) prefix on every key is removed.
+    Wrapper prefixes (``module.`` of DDP / DataParallel, ``_orig_mod.`` of ``torch.compile``, in any
+    nesting) are removed (:func:`strip_wrapper_prefixes`).
 
     Returns:
         ``{name: tensor}`` on the CPU.
@@ -143,12 +148,42 @@ def load_checkpoint(path: str | os.PathLike, *, key: str | None = None) -> dict[
             f"{str(path)!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {_short(e)}). It may be "
             "truncated or another format."
         ) from e
-    state = _select_state_dict(obj, path, key)
-    for prefix in _WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    state = strip_wrapper_prefixes(_select_state_dict(obj, path, key), source=repr(str(path)))
     _check_finite(state, repr(str(path)))
     return state
+
+
+def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict of the network inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``.
+
+    Wrappers rename every key: DDP and DataParallel add ``module.``, ``torch.compile`` adds ``_orig_mod.``,
+    and nested wrappers stack them (``torch.compile(DDP(net))`` -> ``_orig_mod.module.``). Leading prefixes
+    shared by *every* key are removed until none is left, and ``_orig_mod.`` segments inside keys (a compiled
+    submodule) are dropped. Tensors are not copied or changed.
+
+    Example:
+        >>> sorted(strip_wrapper_prefixes({"_orig_mod.module.conv.weight": torch.zeros(1)}))
+        ['conv.weight']
+
+    Raises:
+        ValueError: two keys become the same name (the state dict is not one wrapped network).
+    """
+    out = dict(state)
+    stripped = True
+    while out and stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix):]: v for k, v in out.items()}
+                stripped = True
+    renamed = {_COMPILED_SUBMODULE.sub("", k): v for k, v in out.items()}
+    if len(renamed) != len(out):
+        clash = sorted(k for k in out if _COMPILED_SUBMODULE.sub("", k) != k)[:3]
+        raise ValueError(
+            f"Checkpoint {source}: keys such as {clash} collide with other keys once the torch.compile prefix "
+            "'_orig_mod.' is removed; save the weights of one unwrapped network (model.state_dict())."
+        )
+    return renamed
 
 
 def _check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -267,8 +302,10 @@ def import_component(
 ) -> tuple[nn.Module, ComponentImport]:
     """Build component ``name`` of ``config`` and load ``state`` (MONAI-core or MONAI Generative 0.2.3 keys).
 
-    The format is detected from the keys: a state dict whose keys are exactly those of the network
-    built from ``config`` loads as is; anything else is treated as MONAI Generative 0.2.3 and converted.
+    Keys saved from a wrapped network (DDP, DataParallel, ``torch.compile``, nested) are unwrapped first
+    (:func:`strip_wrapper_prefixes`). The format is detected from the keys: a state dict whose keys are
+    exactly those of the network built from ``config`` loads as is; anything else is treated as MONAI
+    Generative 0.2.3 and converted.
 
     Returns:
         the loaded network (eval mode) and a :class:`ComponentImport` whose ``include_fc`` must be stored
@@ -282,7 +319,7 @@ def import_component(
     if name not in keys.COMPONENTS:
         raise ValueError(f"Unknown component {name!r}; expected one of {list(keys.COMPONENTS)}.")
     cfg = getattr(config, name)
-    state = dict(state)
+    state = strip_wrapper_prefixes(state, source=source)
     _check_finite(state, source)  # also keeps the NaN sentinel of _load_with_monai_legacy unambiguous
     module = build_component(name, config)
     if set(state) == set(module.state_dict()):
