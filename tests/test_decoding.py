@@ -153,3 +153,73 @@ def test_pipeline_rejects_bad_tile_size_before_sampling(pipe, monkeypatch):
     monkeypatch.setattr(pipe, "_generate_labels", boom)
     with pytest.raises(ValueError, match="decode_tile_size"):
         pipe.sample(1, seed=0, num_inference_steps=2, progress=False, decode_tile_size="huge")
+
+
+# ---------------------------------------------------------------------------------------------- issue 14, fault 11
+def test_default_decode_does_not_depend_on_free_memory(pipe, monkeypatch):
+    """A busy GPU (faked: the free-memory query reports almost nothing) must not change the default decode.
+
+    Before the fix, "auto" asked :func:`available_memory` and switched to tiles whose labels differ from the
+    whole decode; now the query is never made and the output equals the whole decode exactly.
+    """
+    import duodiff.decoding as decoding
+
+    common = dict(seed=3, num_inference_steps=2, progress=False)
+    idle = pipe.sample(2, **common)
+    whole = pipe.sample(2, decode_tile_size=None, **common)  # one batched call: equal up to float rounding
+    calls = []
+
+    def busy_gpu(device):
+        calls.append(device)
+        return estimate_decode_bytes(pipe.label_autoencoder, (16, 16, 16)) // 3  # would force tiles
+
+    monkeypatch.setattr(decoding, "available_memory", busy_gpu)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1 << 20, 80 << 30))
+    busy = pipe.sample(2, **common)
+    assert calls == []
+    assert torch.equal(busy.labels, idle.labels) and torch.equal(busy.images, idle.images)
+    assert busy.decode == {"label": "whole", "image": "whole"} == whole.decode
+    assert (busy.images - whole.images).abs().max() < 1e-4
+    assert (busy.labels == whole.labels).float().mean() > 0.999
+
+
+def test_auto_plan_depends_only_on_model_and_input(pipe, latents):
+    for n in (1, 2, 7):
+        plan = resolve_tile_size(pipe.image_autoencoder, (n, *latents.shape[1:]), "auto")
+        assert plan.tile is None and plan.volumes_per_call == 1 and plan.describe() == "whole"
+
+
+def test_decode_path_is_recorded_in_the_sample_and_the_saved_headers(pipe, tmp_path):
+    import nibabel as nib
+
+    tiled = pipe.sample(1, seed=3, num_inference_steps=2, progress=False, decode_tile_size=(16, 16, 8))
+    assert tiled.decode == {"label": "tiled 16x16x8 overlap=0.25 halo=4", "image": "tiled 16x16x8 overlap=0.25 halo=4"}
+    name = tiled.save(tmp_path)[0]
+    for path in (tmp_path / "imagesTr" / f"{name}_0000.nii.gz", tmp_path / "labelsTr" / f"{name}.nii.gz"):
+        descrip = nib.load(path).header["descrip"].item().decode()
+        assert descrip == "duodiff seed=3 decode=tiled 16x16x8 overlap=0.25 halo=4"
+    labels = torch.zeros((1, 1, 32, 32, 32), dtype=torch.long)
+    out = pipe.generate_images(labels, seed=0, num_inference_steps=2, progress=False)
+    assert out.decode == {"image": "whole"}
+
+
+def test_whole_volume_out_of_memory_is_a_clear_memory_error(pipe, latents, monkeypatch):
+    from duodiff.decoding import DecodeMemoryError
+
+    def oom(z):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(pipe.image_autoencoder, "decode", oom)
+    with pytest.raises(DecodeMemoryError, match=r"one whole volume.*decode_tile_size=N") as info:
+        decode(pipe.image_autoencoder, latents)
+    assert isinstance(info.value, MemoryError)
+    # the pipeline does not fall back to tiles (or retry smaller batches) behind the user's back
+    with pytest.raises(DecodeMemoryError):
+        pipe.sample(2, seed=0, num_inference_steps=2, progress=False)
+
+
+def test_explicit_budget_still_plans(pipe, latents):
+    """Opting in to a budget (e.g. ``max_memory=available_memory(device)``) keeps the planned strategies."""
+    per_volume = estimate_decode_bytes(pipe.image_autoencoder, latents.shape[2:])
+    plan = resolve_tile_size(pipe.image_autoencoder, latents.shape, "auto", max_memory=per_volume // 2)
+    assert plan.tile is not None and plan.describe().startswith("tiled ")

@@ -1,8 +1,13 @@
 """Memory-bounded VAE decoding: whole, in sub-batches, or in overlapping tiles.
 
 Peak memory of latent diffusion sampling is in the autoencoder's decoder: its last level holds
-``channels[0]`` feature maps at full image resolution. :func:`decode` keeps the decode under a
-memory budget, preferring exact strategies:
+``channels[0]`` feature maps at full image resolution.
+
+The default, ``tile_size="auto"``, never looks at free memory: it decodes whole volumes, one per
+decoder call, so the same latents give the same output whatever else runs on the device. If one
+volume does not fit, it raises :class:`DecodeMemoryError` (a ``MemoryError``) that suggests tiles;
+tiling is never switched on behind your back. With an explicit byte budget (``max_memory=``, e.g.
+``max_memory=available_memory(device)``) :func:`decode` plans within it, preferring exact strategies:
 
 1. the whole batch at once, if it fits;
 2. sub-batches of whole volumes (exact: the decoder treats samples independently);
@@ -47,6 +52,8 @@ __all__ = [
     "decode",
     "resolve_tile_size",
     "DecodePlan",
+    "DecodeMemoryError",
+    "describe_decode",
     "estimate_decode_bytes",
     "available_memory",
     "peak_tensor_bytes",
@@ -59,15 +66,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: ``None`` (whole decode), ``"auto"`` (from the memory budget), an int (cubic tile) or ``(h, w, d)``;
-#: sizes are in latent voxels.
+#: ``None`` (whole batch in one call), ``"auto"`` (whole volumes one by one, or planned within an explicit
+#: ``max_memory``), an int (cubic tile) or ``(h, w, d)``; sizes are in latent voxels.
 TileSize = int | Sequence[int] | Literal["auto"] | None
 
 #: Fraction of each tile side shared with its neighbour (blended with Gaussian weights).
 DEFAULT_OVERLAP = 0.25
 #: Latent voxels of context decoded around each tile and cropped away.
 DEFAULT_HALO = 4
-#: Share of free CUDA memory a decode may plan to use (the rest covers cuDNN workspaces and fragmentation).
+#: Share of free CUDA memory :func:`available_memory` offers a decode (the rest: cuDNN workspaces, fragmentation).
 CUDA_MEMORY_FRACTION = 0.7
 #: Smallest tile side (latent voxels) ``"auto"`` will choose; smaller tiles are mostly border.
 MIN_TILE_SIDE = 4
@@ -295,6 +302,10 @@ def _fit_tile(
     )
 
 
+class DecodeMemoryError(MemoryError):
+    """An exact (whole-volume) decode ran out of device memory; the message says how to decode in tiles."""
+
+
 @dataclass(frozen=True)
 class DecodePlan:
     """How :func:`decode` splits the work.
@@ -308,6 +319,12 @@ class DecodePlan:
     volumes_per_call: int
     tile: tuple[int, int, int] | None
     halo: int
+
+    def describe(self, overlap: float = DEFAULT_OVERLAP) -> str:
+        """``"whole"`` (exact) or ``"tiled HxWxD overlap=O halo=K"`` (approximate), as recorded in outputs."""
+        if self.tile is None:
+            return "whole"
+        return f"tiled {'x'.join(map(str, self.tile))} overlap={overlap:g} halo={self.halo}"
 
 
 def resolve_tile_size(
@@ -324,9 +341,10 @@ def resolve_tile_size(
     Args:
         autoencoder: the decoder's autoencoder (on its target device).
         latents_shape: ``(N, C, h, w, d)``.
-        tile_size: ``None`` (whole batch), ``"auto"`` (fit ``max_memory``), an int or ``(h, w, d)``.
-        max_memory: byte budget for ``"auto"``; default :func:`available_memory` of the device
-            (free CUDA memory; unlimited on CPU).
+        tile_size: ``None`` (whole batch), ``"auto"`` (whole volumes one per call; with ``max_memory``: fit
+            that budget), an int or ``(h, w, d)``.
+        max_memory: explicit byte budget for ``"auto"``. ``None`` (default): no budget, so the plan depends
+            only on the model and the input shape, never on free memory.
         halo: context voxels decoded around each tile (counted in the tile's memory; ``"auto"``
             halves it when the budget is too small for any tile with it).
         output_on_device: whether the stitched float32 output lives on the decoder's device (and
@@ -337,10 +355,9 @@ def resolve_tile_size(
         return DecodePlan(n, None, halo)
     if isinstance(tile_size, str):
         check_tile_size(tile_size)
-        device = next(autoencoder.parameters()).device
-        budget = available_memory(device) if max_memory is None else int(max_memory)
-        if budget is None:
-            return DecodePlan(n, None, halo)
+        if max_memory is None:  # exact, and independent of what else runs on the device
+            return DecodePlan(1, None, halo)
+        budget = int(max_memory)
         per_volume = estimate_decode_bytes(autoencoder, spatial)
         if n * per_volume <= budget:
             return DecodePlan(n, None, halo)
@@ -372,14 +389,15 @@ def decode(
     Args:
         autoencoder: a MONAI ``AutoencoderKL``.
         latents: ``(N, C, h, w, d)`` latents already divided by the scale factor.
-        tile_size: ``None``: whole batch in one call. ``"auto"``: whole batch, sub-batches or tiles,
-            whichever fits ``max_memory`` (on CPU without ``max_memory``: whole batch). An int or
+        tile_size: ``None``: whole batch in one call. ``"auto"``: whole volumes, one per call (exact; a
+            device out-of-memory error becomes :class:`DecodeMemoryError`); with ``max_memory``: whole
+            batch, sub-batches or tiles, whichever fits that budget. An int or
             ``(h, w, d)``: tiles of that many latent voxels (clipped to the latent shape; a tile
             covering the whole latent decodes whole volumes, exactly).
         overlap: fraction of a tile side shared with neighbours, in ``[0, 1)``.
         halo: latent voxels of context decoded on each side of a tile and cropped away (``>= 0``).
-        max_memory: byte budget for ``"auto"`` (default: :data:`CUDA_MEMORY_FRACTION` of free CUDA
-            memory; none on CPU).
+        max_memory: explicit byte budget for ``"auto"`` (default: none). Pass
+            ``available_memory(device)`` to opt into planning from free memory; the output then depends on it.
         output_device: where tiles are stitched (default: the latents' device); ``"cpu"`` keeps the
             full-size output off the GPU.
 
@@ -398,6 +416,8 @@ def decode(
     per_call, tile, halo = plan.volumes_per_call, plan.tile, plan.halo
     fn = _decode_fn(autoencoder)
     n = int(latents.shape[0])
+    if tile is None and tile_size == "auto" and max_memory is None:
+        return _decode_volumes(fn, latents, output_device)
     if tile is None:
         if per_call >= n:
             out = fn(latents)
@@ -433,6 +453,35 @@ def decode(
         with_coord=True,
     )
     return inferer(latents, decode_window).float()
+
+
+def _decode_volumes(fn: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor,
+                    output_device: str | torch.device | None) -> torch.Tensor:
+    """The default decode: whole volumes, one per call; out-of-memory becomes :class:`DecodeMemoryError`."""
+    if latents.shape[0] == 0:
+        return fn(latents)
+    outs = []
+    for i in range(int(latents.shape[0])):
+        try:
+            out = fn(latents[i : i + 1])
+        except torch.OutOfMemoryError as e:
+            shape = tuple(latents.shape[2:])
+            raise DecodeMemoryError(
+                f"Decoding one whole volume (latent {shape}) ran out of {latents.device.type} memory. Decode in "
+                f"tiles with decode_tile_size=N or (h, w, d) latent voxels (e.g. {max(MIN_TILE_SIDE, max(shape) // 2)}"
+                "; approximate, measure it with duodiff.decoding.seam_report), free memory, or sample on CPU."
+            ) from e
+        outs.append(out if output_device is None else out.to(output_device))
+    return torch.cat(outs)
+
+
+def describe_decode(
+    autoencoder: nn.Module, latents_shape: Sequence[int], tile_size: TileSize = "auto", *,
+    overlap: float = DEFAULT_OVERLAP, halo: int = DEFAULT_HALO,
+) -> str:
+    """The decode path :func:`decode` takes for ``latents_shape`` without a memory budget (see
+    :meth:`DecodePlan.describe`): ``"whole"`` or ``"tiled HxWxD overlap=O halo=K"``."""
+    return resolve_tile_size(autoencoder, latents_shape, tile_size, halo=halo).describe(overlap)
 
 
 # ---------------------------------------------------------------------------------------------- seam check

@@ -20,12 +20,17 @@ __all__ = [
     "write_nifti",
     "read_nifti",
     "check_finite",
+    "NonFiniteError",
     "write_json",
     "nnunet_dataset_json",
     "NIFTI_SUFFIX",
 ]
 
 NIFTI_SUFFIX = ".nii.gz"
+
+
+class NonFiniteError(ValueError):
+    """A volume holds NaN or +-Inf values (read from disk, about to be written, or just generated)."""
 
 
 def spacing_affine(spacing: Sequence[float], origin: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
@@ -68,13 +73,19 @@ def atomic_write(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
+def write_nifti(
+    path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, *, description: str | None = None
+) -> Path:
     """Write a 3D (or 4D, channels last) array as NIfTI atomically.
 
     Args:
         path: destination ending in ``.nii.gz`` or ``.nii``.
         array: ``(H, W, D)`` voxel data; its dtype is kept (labels as uint8/int16, images as float32).
         affine: 4x4 voxel-to-RAS-mm matrix.
+        description: optional NIfTI ``descrip`` header text (at most 80 ASCII characters).
+
+    Writes what it is given (tests use it to make broken files); writers of generated or processed volumes
+    check them first (:meth:`duodiff.DuoSample.save` refuses NaN/Inf before writing anything).
     """
     path = Path(path)
     if not path.name.endswith((".nii.gz", ".nii")):
@@ -83,6 +94,8 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) 
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
+    if description is not None:
+        img.header["descrip"] = description.encode("ascii")[:80]
     data = img.to_bytes()
     if path.name.endswith(".gz"):
         data = gzip.compress(data, compresslevel=1, mtime=0)  # nibabel's default level; mtime=0: same bytes every run
@@ -97,14 +110,14 @@ def check_finite(array: np.ndarray, what: str) -> np.ndarray:
     """Return ``array`` unchanged if every value is finite; otherwise raise naming ``what``.
 
     Raises:
-        ValueError: ``array`` holds NaN or +-Inf values (counts are given in the message).
+        NonFiniteError: ``array`` holds NaN or +-Inf values (counts are given in the message).
     """
     if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
         finite = np.isfinite(array)
         if not finite.all():
             n_nan = int(np.isnan(array).sum())
             n_inf = int(finite.size - finite.sum()) - n_nan
-            raise ValueError(
+            raise NonFiniteError(
                 f"{what} contains {n_nan} NaN and {n_inf} Inf value(s) out of {array.size}. duodiff does not "
                 "replace them silently; fix or remove the volume (e.g. np.nan_to_num) and try again."
             )

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import keys
-from .io import NIFTI_SUFFIX, nnunet_dataset_json, write_json, write_nifti
+from .io import NIFTI_SUFFIX, NonFiniteError, nnunet_dataset_json, write_json, write_nifti
 
 __all__ = ["DuoSample", "sample_name"]
 
@@ -34,6 +34,10 @@ class DuoSample:
         label_names: class names, background first.
         seeds: the seed of each sample; sample ``i`` is reproduced by ``sample(1, seed=seeds[i])``.
         report: free-form facts about how the samples were made (e.g. QC retries).
+        decode: how each stage's latents were decoded, ``{"label": path, "image": path}`` with ``path``
+            ``"whole"`` (exact) or ``"tiled h x w x d, overlap o, halo k"`` (approximate); see
+            :func:`duodiff.decoding.describe_decode`. :meth:`save` writes it into every NIfTI header
+            (``descrip``).
     """
 
     images: torch.Tensor
@@ -43,6 +47,7 @@ class DuoSample:
     label_names: tuple[str, ...]
     seeds: list[int]
     report: dict[str, Any] = field(default_factory=dict)
+    decode: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -73,6 +78,24 @@ class DuoSample:
             for i in range(len(self))
         ]
 
+    def _check_finite(self, out: Path) -> None:
+        for what, vol in (("images", self.images), ("labels", self.labels)):
+            if not vol.is_floating_point():
+                continue
+            finite = torch.isfinite(vol.detach()).flatten(1).all(1)
+            if not bool(finite.all()):
+                bad = [int(self.seeds[i]) for i in torch.nonzero(~finite).flatten().tolist()]
+                raise NonFiniteError(
+                    f"DuoSample.save: {len(bad)} of {len(self)} {what} hold NaN/Inf values (seeds {bad}); nothing "
+                    f"was written to {str(out)!r}. Low-precision sampling overflowed or the model is broken: "
+                    "sample again with dtype=None (float32) or dtype='bfloat16'."
+                )
+
+    def _description(self, i: int, stage: str) -> str:
+        path = self.decode.get(stage)
+        text = f"duodiff seed={int(self.seeds[i])}" + (f" decode={path}" if path else "")
+        return text[:80]
+
     def save(
         self,
         out_dir: str | os.PathLike,
@@ -83,12 +106,18 @@ class DuoSample:
         """Write NIfTI pairs in nnU-Net raw naming and (re)write ``dataset.json``.
 
         ``imagesTr/<name>_0000.nii.gz`` (one file per image channel) and ``labelsTr/<name>.nii.gz``.
-        Every file is written atomically; existing cases in ``out_dir`` are kept and counted.
+        Every file is written atomically; existing cases in ``out_dir`` are kept and counted. Each NIfTI
+        header's ``descrip`` records the seed and the decode path (:attr:`decode`).
 
         Returns:
             the case names written.
+
+        Raises:
+            NonFiniteError: an image or label holds NaN/Inf; checked before anything is written, so the
+                folder is left exactly as it was.
         """
         out = Path(out_dir)
+        self._check_finite(out)
         images_dir, labels_dir = out / "imagesTr", out / "labelsTr"
         try:
             images_dir.mkdir(parents=True, exist_ok=True)
@@ -102,9 +131,11 @@ class DuoSample:
         for i, name in enumerate(names):
             for c in range(n_ch):
                 img = self.images[i, c].detach().float().cpu().numpy().astype(np.float32)
-                write_nifti(images_dir / f"{name}_{c:04d}{NIFTI_SUFFIX}", img, self.affine)
+                write_nifti(images_dir / f"{name}_{c:04d}{NIFTI_SUFFIX}", img, self.affine,
+                            description=self._description(i, "image"))
             lab = self.labels[i, 0].detach().cpu().numpy().astype(label_dtype)
-            write_nifti(labels_dir / f"{name}{NIFTI_SUFFIX}", lab, self.affine)
+            write_nifti(labels_dir / f"{name}{NIFTI_SUFFIX}", lab, self.affine,
+                        description=self._description(i, "label"))
         num = len(list(labels_dir.glob(f"*{NIFTI_SUFFIX}")))
         meta = nnunet_dataset_json(
             label_names=self.label_names,

@@ -22,8 +22,8 @@ from . import keys
 from .attributes import attribute_names, make_context, requested_attributes, standardise
 from .config import PipelineConfig
 from .control import qc_accepts, retry_seed, summarise, volumes_within_tolerance
-from .decoding import TileSize, check_tile_size, decode
-from .io import spacing_affine
+from .decoding import TileSize, check_tile_size, decode, describe_decode
+from .io import NonFiniteError, spacing_affine
 from .models import build_component
 from .output import DuoSample
 from .presets import make_config
@@ -205,24 +205,49 @@ class DuoDiffusion:
         oh = F.one_hot(labels[:, 0].long(), self.config.num_classes)  # (N, H, W, D, K)
         return oh.movedim(-1, 1).float()
 
+    def _decode(self, kind: str, latents: torch.Tensor, tile: TileSize, seeds: Sequence[int] | None = None
+                ) -> torch.Tensor:
+        """Decode ``kind`` ("label"/"image") latents; raise :class:`NonFiniteError` on NaN/Inf output."""
+        ae = getattr(self, f"{kind}_autoencoder")
+        out = decode(ae, latents / getattr(self.config, f"{kind}_scale_factor"), tile_size=tile)
+        finite = torch.isfinite(out).flatten(1).all(1)
+        if not bool(finite.all()):
+            device = self.device.type
+            amp = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+            dtype = amp or self.dtype
+            bad = torch.nonzero(~finite).flatten().tolist()
+            which = f"seeds {[int(seeds[i]) for i in bad]}" if seeds is not None else f"samples {bad}"
+            if dtype == torch.float16:
+                hint = ("float16 overflows beyond 65504 (a known failure of latent-diffusion decoders). Sample with "
+                        "dtype='bfloat16' (float32's range, fast on recent CPUs/GPUs) or dtype=None (float32).")
+            elif dtype == torch.bfloat16:
+                hint = "Sample with dtype=None (float32); if that fails too, the model's weights are broken."
+            else:
+                hint = "The model's weights or latents are broken (NaN/Inf in the checkpoint?); check the model."
+            raise NonFiniteError(
+                f"The {kind} autoencoder decoded NaN/Inf values for {len(bad)} of {len(finite)} sample(s) ({which}) "
+                f"with dtype={str(dtype).removeprefix('torch.')}; duodiff does not return or save such volumes. "
+                f"{hint}"
+            )
+        return out
+
     @torch.inference_mode()
     def decode_labels(self, latents: torch.Tensor, *, decode_tile_size: TileSize = "auto") -> torch.Tensor:
         """Scaled label latents ``(N, C, h, w, d)`` -> int64 label ids ``(N, 1, H, W, D)``.
 
-        ``decode_tile_size``: see :func:`duodiff.decoding.decode` (``"auto"`` decodes whole volumes
-        unless free CUDA memory is short).
+        ``decode_tile_size``: see :func:`duodiff.decoding.decode` (``"auto"`` decodes whole volumes, exactly,
+        whatever the free memory). Raises :class:`~duodiff.io.NonFiniteError` if the logits hold NaN/Inf.
         """
-        logits = decode(self.label_autoencoder, latents / self.config.label_scale_factor, tile_size=decode_tile_size)
-        return logits.argmax(dim=1, keepdim=True)
+        return self._decode("label", latents, decode_tile_size).argmax(dim=1, keepdim=True)
 
     @torch.inference_mode()
     def decode_images(self, latents: torch.Tensor, *, decode_tile_size: TileSize = "auto") -> torch.Tensor:
         """Scaled image latents ``(N, C, h, w, d)`` -> float32 images ``(N, C_img, H, W, D)`` clamped to [0, 1].
 
-        ``decode_tile_size``: as in :meth:`decode_labels`.
+        ``decode_tile_size``: as in :meth:`decode_labels`. Raises :class:`~duodiff.io.NonFiniteError` if the
+        decoder output holds NaN/Inf (checked before clamping, which would hide Inf).
         """
-        img = decode(self.image_autoencoder, latents / self.config.image_scale_factor, tile_size=decode_tile_size)
-        return img.clamp_(0.0, 1.0)
+        return self._decode("image", latents, decode_tile_size).clamp_(0.0, 1.0)
 
     def _batched(self, n: int, batch_size: int, fn: Any) -> list:
         """``[fn(start, stop) for each batch]``; on CUDA OOM the batch is retried at half size (logged)."""
@@ -354,7 +379,7 @@ class DuoDiffusion:
         with self._autocast(amp):
             z = denoise(self.label_unet, sched, noise, generators=gens, stochastic=stochastic, progress=progress,
                         desc="labels", context=context, null_context=null_context, guidance_scale=guidance_scale)
-            return self.decode_labels(z, decode_tile_size=tile)
+            return self._decode("label", z, tile, seeds).argmax(dim=1, keepdim=True)
 
     def _generate_images(self, labels, seeds, sched, stochastic, conditioning_scale, amp, progress,
                          tile="auto") -> torch.Tensor:
@@ -364,13 +389,19 @@ class DuoDiffusion:
             z = denoise(self.image_unet, sched, noise, generators=gens, stochastic=stochastic,
                         controlnet=self.image_controlnet, condition=self.one_hot(labels),
                         conditioning_scale=conditioning_scale, progress=progress, desc="images")
-            return self.decode_images(z, decode_tile_size=tile)
+            return self._decode("image", z, tile, seeds).clamp_(0.0, 1.0)
 
-    def _result(self, images: list[torch.Tensor], labels: list[torch.Tensor], seeds: list[int]) -> DuoSample:
+    def _result(self, images: list[torch.Tensor], labels: list[torch.Tensor], seeds: list[int], tile: TileSize,
+                stages: Sequence[str] = ("label", "image")) -> DuoSample:
         c = self.config
+        paths = {
+            kind: describe_decode(getattr(self, f"{kind}_autoencoder"),
+                                  (1, *getattr(c, f"{kind}_latent_shape")), tile)
+            for kind in stages
+        }
         return DuoSample(
             images=torch.cat(images).cpu(), labels=torch.cat(labels).cpu(), affine=self.affine,
-            spacing=c.spacing, label_names=c.label_names, seeds=seeds,
+            spacing=c.spacing, label_names=c.label_names, seeds=seeds, decode=paths,
         )
 
     @torch.inference_mode()
@@ -407,9 +438,12 @@ class DuoDiffusion:
             conditioning_scale: ControlNet residual multiplier in stage 2.
             dtype: autocast dtype: ``None``/``"float32"`` (exact), ``"bfloat16"`` (fast on CPU),
                 ``"float16"`` (CUDA).
-            decode_tile_size: VAE decoding in latent tiles: ``"auto"`` (whole volumes, or sub-batches /
-                tiles when free CUDA memory is short), ``None`` (whole batch), an int or ``(h, w, d)``.
-                See :mod:`duodiff.decoding`. A CUDA out-of-memory error retries the batch at half size.
+            decode_tile_size: VAE decoding: ``"auto"`` (default: whole volumes one by one, exact, never
+                dependent on free memory; a volume that does not fit raises
+                :class:`~duodiff.decoding.DecodeMemoryError` suggesting tiles), ``None`` (whole batch in one
+                call), or latent tiles of an int or ``(h, w, d)`` voxels (approximate). The path taken is
+                recorded in ``DuoSample.decode``. See :mod:`duodiff.decoding`. A CUDA out-of-memory error while
+                denoising retries the batch at half size.
             class_volumes: requested foreground volumes in **mL**, ``{class name or id: mL}`` for all samples
                 or one mapping per sample; classes left out are unconditioned. Needs a model trained with
                 ``attributes=["volume"]`` (see :mod:`duodiff.attributes`).
@@ -427,7 +461,12 @@ class DuoDiffusion:
         Returns:
             :class:`DuoSample` with float32 images ``(N, C, H, W, D)`` in [0, 1] and int64 labels
             ``(N, 1, H, W, D)``. ``seeds[i]`` is the seed that produced sample ``i`` (a retry seed if it was
-            regenerated); ``report`` holds acceptance statistics when constraints or QC were used.
+            regenerated); ``report`` holds acceptance statistics when constraints or QC were used; ``decode``
+            records each stage's decode path.
+
+        Raises:
+            NonFiniteError: a decoded volume holds NaN/Inf (e.g. a float16 overflow); the message names the
+                dtype and the fix.
         """
         seeds = self._resolve_seeds(num_samples, seed, generator)
         bs = self._batch_size(num_samples, batch_size)
@@ -503,7 +542,7 @@ class DuoDiffusion:
             return img, lab
 
         images, labels = zip(*self._batched(num_samples, bs, pairs))
-        result = self._result(list(images), list(labels), seeds)
+        result = self._result(list(images), list(labels), seeds, decode_tile_size)
         if constrained:
             result.report = summarise(num_samples, stats["attempts"], stats["volume"], stats["qc"], stats["failed"],
                                       stats["dice"] if qc is not None else None)
@@ -581,4 +620,4 @@ class DuoDiffusion:
             return self._generate_images(lab[start:stop], seeds[start:stop], sched, stochastic, conditioning_scale,
                                          amp, progress, decode_tile_size)
 
-        return self._result(self._batched(n, bs, images), [lab], seeds)
+        return self._result(self._batched(n, bs, images), [lab], seeds, decode_tile_size, stages=("image",))

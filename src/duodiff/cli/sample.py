@@ -35,8 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--qc-threshold", type=float, default=0.5, help="QC Dice threshold (default 0.5)")
     p.add_argument("--max-retries", type=int, default=3, help="regeneration rounds for rejected samples")
     p.add_argument("--decode-tile-size", default="auto", metavar="auto|none|N|H,W,D",
-                   help="VAE decoding in latent tiles: auto (only when free CUDA memory is short; default), none, "
-                        "or a tile size in latent voxels")
+                   help="VAE decoding: auto (whole volumes one by one, exact, whatever the free memory; default), "
+                        "none (whole batch at once), or a tile size in latent voxels (approximate, less memory)")
     p.add_argument("--distributed", action="store_true",
                    help="split the seeds across the processes of a torchrun launch into one --out folder "
                         "(automatic when WORLD_SIZE > 1)")
