@@ -1,5 +1,6 @@
 """``duodiff evaluate``: compare generated pairs with real ones (FID-2.5D, MS-SSIM, MMD, labels, consistency,
-memorisation) and write report.json, report.md and PNG figures."""
+memorisation, detectability; autoencoder fidelity when a model is given) and write report.json, report.md and
+PNG figures."""
 
 from __future__ import annotations
 
@@ -51,6 +52,11 @@ def add_parser(sub) -> None:
     p.add_argument("--copy-threshold", type=float, default=0.95,
                    help="nearest-real NCC at which a synthetic image counts as a near-copy (default 0.95)")
     p.add_argument("--max-pairs", type=positive_int, default=500, help="pairs per set for MS-SSIM (default 500)")
+    p.add_argument("--detector-steps", type=int, default=150,
+                   help="training steps per fold of the real-vs-synthetic 3D CNN (detectability ROC AUC); 0 skips "
+                        "it (default 150)")
+    p.add_argument("--detector-folds", type=int, default=5,
+                   help="cross-validation folds of the detector (default 5)")
     p.add_argument("--save-synthetic", action="store_true", help="also write the generated pairs to OUT/synthetic")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -146,7 +152,10 @@ def run(args: argparse.Namespace) -> int:
     ev = evaluate(real, synthetic, num_classes=num_classes, label_names=names, segmenter=segmenter,
                   feature_network=feature_network, memorization_reference=train_real, segmenter_data=train_real,
                   segmenter_steps=args.segmenter_steps, copy_threshold=args.copy_threshold,
-                  max_pairs=args.max_pairs, seed=args.seed, progress=progress)
+                  max_pairs=args.max_pairs, seed=args.seed, progress=progress,
+                  image_autoencoder=pipe.image_autoencoder if pipe is not None else None,
+                  label_autoencoder=pipe.label_autoencoder if pipe is not None else None,
+                  detector_steps=args.detector_steps, detector_folds=args.detector_folds)
     ev.metrics["setup"].update(setup)
     ev.metrics["timing_s"] = {**{k: round(v, 3) for k, v in timing.items()}, **ev.metrics["timing_s"]}
     written = write_report(ev, out, real=real, synthetic=synthetic)
@@ -156,5 +165,14 @@ def run(args: argparse.Namespace) -> int:
           "pair-consistency Dice "
           f"{m['pair_consistency']['synthetic']['mean_dice']:.3f}, "
           f"near-copies {m['memorization']['num_flagged']}/{len(synthetic)}", file=sys.stderr)
+    if m["detectability"]:
+        print(f"detectability ROC AUC {m['detectability']['auc']:.3f} ± {m['detectability']['auc_std']:.3f} "
+              "(0.5 = indistinguishable)", file=sys.stderr)
+    if m["autoencoder_fidelity"]:
+        fid_ae = m["autoencoder_fidelity"]
+        dice = ", ".join(f"{k} {v:.3f}" for k, v in fid_ae["label"]["dice"].items())
+        print(f"image autoencoder PSNR {fid_ae['image']['psnr_db']['mean']:.2f} dB, SSIM "
+              f"{fid_ae['image']['ssim']['mean']:.3f}, L1 {fid_ae['image']['l1']['mean']:.4f}; label autoencoder "
+              f"Dice {dice}", file=sys.stderr)
     print(f"wrote {', '.join(sorted(p.name for p in written.values()))} to {out}", file=sys.stderr)
     return 0

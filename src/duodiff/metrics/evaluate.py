@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from ..segmenter import PLANES, SliceSegmenter, train_segmenter
+from .autoencoder import image_reconstruction, label_reconstruction
 from .consistency import pair_consistency
 from .data import PairSet
+from .detectability import detectability
 from .features import slice_features
 from .fid import frechet_distance
 from .labels import class_volumes, label_statistics
@@ -89,6 +91,10 @@ def evaluate(
     holdout_fraction: float = 0.2,
     copy_threshold: float = 0.95,
     max_pairs: int | None = 500,
+    image_autoencoder: nn.Module | None = None,
+    label_autoencoder: nn.Module | None = None,
+    detector_steps: int = 150,
+    detector_folds: int = 5,
     seed: int = 0,
     progress: bool = True,
 ) -> Evaluation:
@@ -112,13 +118,25 @@ def evaluate(
         holdout_fraction: share of real pairs held out from segmenter training.
         copy_threshold: nearest-neighbour NCC at which a synthetic image is flagged as a near-copy.
         max_pairs: most pairs per set for pairwise MS-SSIM.
-        seed: seeds the segmenter, the splits and the pair subsets.
+        image_autoencoder: the model's image ``AutoencoderKL``: its reconstructions of the real images are
+            scored (PSNR / SSIM / L1, :func:`~duodiff.metrics.image_reconstruction`). ``None``: skipped.
+        label_autoencoder: the model's label ``AutoencoderKL``: per-class Dice of its reconstructions of the
+            real labels (:func:`~duodiff.metrics.label_reconstruction`). ``None``: skipped.
+        detector_steps: training steps per fold of the real-vs-synthetic detector
+            (:func:`~duodiff.metrics.detectability`); 0 skips the check.
+        detector_folds: cross-validation folds of the detector (at most the size of the smaller set; fewer
+            are used, with a warning, when a set is smaller).
+        seed: seeds the segmenter, the detector, the splits and the pair subsets.
         progress: show progress bars.
 
     Returns:
         :class:`Evaluation`.
     """
     _check_sets(real, synthetic, num_classes)
+    if isinstance(detector_steps, bool) or not isinstance(detector_steps, int) or detector_steps < 0:
+        raise ValueError(f"detector_steps must be an int >= 0 (0 skips detectability), got {detector_steps!r}.")
+    if isinstance(detector_folds, bool) or not isinstance(detector_folds, int) or detector_folds < 2:
+        raise ValueError(f"detector_folds must be an int >= 2, got {detector_folds!r}.")
     names = list(label_names) if label_names else [f"class_{k}" for k in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"Got {len(names)} label_names for num_classes={num_classes}.")
@@ -233,7 +251,30 @@ def evaluate(
                         "(memorization_reference / --train-real) to check against what it actually saw.")
     timing["memorization_s"] = time.perf_counter() - t
 
-    # 8. warnings about the comparison itself
+    # 8. autoencoder fidelity on the real cases (an upper bound on what the pipeline can generate)
+    t = time.perf_counter()
+    fidelity: dict[str, Any] = {}
+    if image_autoencoder is not None:
+        fidelity["image"] = image_reconstruction(image_autoencoder, real.images, names=real.names)
+    if label_autoencoder is not None:
+        fidelity["label"] = label_reconstruction(label_autoencoder, real.labels, num_classes=num_classes,
+                                                 label_names=names, names=real.names)
+    if fidelity:
+        timing["autoencoder_s"] = time.perf_counter() - t
+
+    # 9. detectability: cross-validated real-vs-synthetic classifier
+    detect: dict[str, Any] | None = None
+    if detector_steps > 0:
+        t = time.perf_counter()
+        folds = min(detector_folds, len(real), len(synthetic))
+        if folds < detector_folds:
+            warnings.append(f"Detectability used {folds} folds instead of {detector_folds}: the smaller set has "
+                            f"only {min(len(real), len(synthetic))} volumes.")
+        detect = detectability(real.images, synthetic.images, num_folds=folds, num_steps=detector_steps,
+                               seed=seed, progress=progress)
+        timing["detectability_s"] = time.perf_counter() - t
+
+    # 10. warnings about the comparison itself
     if any(abs(a - b) > 1e-3 * max(abs(b), 1e-6) for a, b in zip(real.spacing, synthetic.spacing)):
         warnings.append(f"Real voxel spacing {tuple(real.spacing)} mm differs from the synthetic spacing "
                         f"{tuple(synthetic.spacing)} mm; volumes were not resampled, so image metrics compare "
@@ -256,6 +297,8 @@ def evaluate(
         "labels": labels,
         "pair_consistency": consistency,
         "memorization": mem,
+        "autoencoder_fidelity": fidelity or None,
+        "detectability": detect,
         "warnings": warnings,
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
     }

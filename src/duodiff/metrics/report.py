@@ -67,6 +67,14 @@ def markdown_report(metrics: dict[str, Any], figures: dict[str, str] | None = No
         f"| near-copies (NCC ≥ {mem['threshold']}) | {mem['num_flagged']} of {s['num_synthetic']} | | 0 |",
         f"| samples with every class | {_f(lab['all_classes_fraction']['synthetic'])} | "
         f"{_f(lab['all_classes_fraction']['real'])} | close to real |",
+    ]
+    det = metrics.get("detectability")
+    if det:
+        lines.append(f"| detectability ROC AUC (3D CNN, {det['num_folds']}-fold CV) | {_f(det['auc'])} ± "
+                     f"{_f(det['auc_std'])} | 0.5 (indistinguishable) | lower (1.0 = trivially fake) |")
+    lines += _fidelity_lines(metrics.get("autoencoder_fidelity"), s.get("model"))
+    lines += _detectability_lines(det)
+    lines += [
         "",
         "## Labels",
         "",
@@ -96,6 +104,44 @@ def markdown_report(metrics: dict[str, Any], figures: dict[str, str] | None = No
         lines += ["", "Timing (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in t.items())]
     lines += ["", "What each metric means and its caveats: see duodiff's `docs/evaluation.md`.", ""]
     return "\n".join(lines)
+
+
+def _fidelity_lines(fid: dict[str, Any] | None, model: str | None) -> list[str]:
+    lines = ["", "## Autoencoder fidelity (real cases: encode to the posterior mean, decode)", ""]
+    if not fid:
+        return lines + ["Not measured: no model was given (pass --model, or image_autoencoder= / "
+                        "label_autoencoder= to evaluate())."]
+    lines += ["| autoencoder | metric | mean ± std | median | worst case | better |", "|---|---|---|---|---|---|"]
+    img = fid.get("image")
+    if img:
+        for key, title, worst, better in (("psnr_db", "PSNR (dB, data range 1)", "min", "higher"),
+                                          ("ssim", "SSIM", "min", "higher"), ("l1", "L1 (mean abs. error)", "max",
+                                                                              "lower")):
+            v = img[key]
+            lines.append(f"| image | {title} | {_f(v['mean'])} ± {_f(v['std'])} | {_f(v['median'])} | "
+                         f"{_f(v[worst])} | {better} |")
+    lab = fid.get("label")
+    if lab:
+        for name, d in lab["dice"].items():
+            lines.append(f"| label | Dice {name} | {_f(d)} | | {_f(lab['dice_min'][name])} | higher |")
+    n = (img or lab)["num_cases"]
+    return lines + ["", f"Over the {n} real cases; no generated image can be sharper than the image autoencoder's "
+                        "reconstructions."]
+
+
+def _detectability_lines(det: dict[str, Any] | None) -> list[str]:
+    lines = ["", "## Detectability (a 3D CNN trained to tell real from synthetic images)", ""]
+    if not det:
+        return lines + ["Skipped (detector_steps = 0)."]
+    folds = ", ".join(_f(a) for a in det["fold_auc"])
+    return lines + [
+        f"ROC AUC {_f(det['auc'])} ± {_f(det['auc_std'])} (mean ± std over {det['num_folds']} stratified folds: "
+        f"{folds}; pooled held-out scores {_f(det['pooled_auc'])}); {det['num_real']} real vs "
+        f"{det['num_synthetic']} synthetic volumes, {det['num_steps']} steps per fold, seed {det['seed']}. "
+        "0.5 = indistinguishable, 1.0 = every synthetic image is recognised.",
+        "",
+        f"Detector: {det['network']}.",
+    ]
 
 
 def _figures(ev: Evaluation, out: Path, real: PairSet | None, synthetic: PairSet | None,

@@ -1,4 +1,7 @@
-"""MS-SSIM between volumes and pairwise MS-SSIM within a set (a diversity measure).
+"""SSIM and MS-SSIM between volumes, and pairwise MS-SSIM within a set (a diversity measure).
+
+:func:`ssim` wraps :class:`monai.metrics.SSIMMetric` (single scale, Wang et al.'s Gaussian window 11,
+sigma 1.5), used for autoencoder reconstructions.
 
 Wraps :class:`monai.metrics.MultiScaleSSIMMetric`. MONAI checks, for ``L`` scale weights and kernel
 size ``k``, that every side satisfies ``side // max(1, L - 1)**2 > k - 1``, and each scale halves the
@@ -13,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["DEFAULT_WEIGHTS", "ms_ssim_weights", "ms_ssim", "pairwise_ms_ssim"]
+__all__ = ["DEFAULT_WEIGHTS", "ms_ssim_weights", "ssim", "ms_ssim", "pairwise_ms_ssim"]
 
 #: MONAI's (and Wang et al.'s) 5 scale weights.
 DEFAULT_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -44,6 +47,31 @@ def _metric(spatial_shape: Sequence[int], kernel_size: int, weights: Sequence[fl
     w = tuple(weights) if weights is not None else ms_ssim_weights(spatial_shape, kernel_size)
     return MultiScaleSSIMMetric(spatial_dims=len(spatial_shape), data_range=1.0, kernel_size=kernel_size,
                                 weights=w, reduction="none"), w
+
+
+@torch.no_grad()
+def ssim(x: torch.Tensor, y: torch.Tensor, *, kernel_size: int = 11, kernel_sigma: float = 1.5) -> torch.Tensor:
+    """Single-scale SSIM of volume pairs (``monai.metrics.SSIMMetric``, data range 1, Gaussian window).
+
+    Args:
+        x, y: float ``(N, C, H, W, D)`` in [0, 1].
+        kernel_size: Gaussian window size (every side must be at least this).
+        kernel_sigma: Gaussian window standard deviation in voxels.
+
+    Returns:
+        float32 ``(N,)``, mean SSIM over voxels and channels; 1 for identical volumes.
+    """
+    from monai.metrics import SSIMMetric
+
+    if x.shape != y.shape or x.ndim != 5:
+        raise ValueError(f"x and y must both be (N, C, H, W, D) of one shape, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}.")
+    if min(x.shape[2:]) < kernel_size:
+        raise ValueError(f"SSIM with kernel_size {kernel_size} needs every side >= {kernel_size}, got "
+                         f"{tuple(x.shape[2:])}. Pass a smaller kernel_size.")
+    metric = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=kernel_size, kernel_sigma=kernel_sigma,
+                        reduction="none")
+    return torch.as_tensor(metric(x.float(), y.float())).reshape(-1).float()
 
 
 @torch.no_grad()
