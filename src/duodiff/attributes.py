@@ -10,11 +10,17 @@ Attributes are computed automatically from label maps:
 The UNet sees one cross-attention token ``(N, 1, cross_attention_dim)`` = ``[values * mask, mask, 0...]``: an
 attribute with ``mask = 0`` is "unspecified". Training drops attributes at random (``condition_dropout``) so the
 same network is also unconditional, which is what classifier-free guidance needs.
+
+Requested volumes are checked against what the model can make: a volume above the field of view
+(``volume_shape`` x ``spacing``) is a ``ValueError`` (often a voxel count passed as mL), and one more than
+:data:`TRAINING_RANGE_SIGMAS` standard deviations of ``log1p(voxels)`` from the training mean (the statistics
+the model records) warns with :class:`OutOfTrainingRangeWarning`, giving the training range in mL.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -27,9 +33,26 @@ __all__ = [
     "make_context",
     "requested_attributes",
     "class_volumes_ml",
+    "field_of_view_ml",
+    "warn_outside_training_range",
+    "OutOfTrainingRangeWarning",
+    "TRAINING_RANGE_SIGMAS",
 ]
 
 SUPPORTED_ATTRIBUTES = ("volume", "centroid")
+
+#: A requested volume whose ``log1p(voxels)`` lies more than this many training standard deviations from the
+#: training mean warns (the model has not seen such sizes; the request may be ignored or give odd labels).
+TRAINING_RANGE_SIGMAS = 3.0
+
+
+class OutOfTrainingRangeWarning(UserWarning):
+    """A requested attribute lies far outside the range the model was trained on."""
+
+
+def field_of_view_ml(volume_shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Volume of the whole generated field of view in mL (``prod(volume_shape) * prod(spacing) / 1000``)."""
+    return math.prod(int(s) for s in volume_shape) * math.prod(float(s) for s in spacing) / 1000.0
 
 
 def attribute_names(attributes: Sequence[str], label_names: Sequence[str]) -> list[str]:
@@ -112,12 +135,18 @@ def requested_attributes(
     attributes: Sequence[str],
     label_names: Sequence[str],
     spacing: Sequence[float],
+    volume_shape: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw attribute values ``(n, A)`` and mask ``(n, A)`` for a user's ``class_volumes`` request.
 
     Args:
         class_volumes: ``{class name or id: volume in mL}`` for every sample, or one such mapping per sample;
             classes left out are unconditioned. ``None`` = nothing requested.
+        volume_shape: the generated volume's shape; given, a request above the field of view is refused.
+
+    Raises:
+        ValueError: an unknown class, a non-positive volume, or (with ``volume_shape``) a volume, or the sum of
+            one sample's volumes, larger than the field of view.
     """
     cols = attribute_names(attributes, label_names)
     values = torch.zeros((n, len(cols)))
@@ -137,6 +166,7 @@ def requested_attributes(
             f"{list(attributes)}); class_volumes cannot be used. Train with [model] attributes = [\"volume\"]."
         )
     voxel_ml = math.prod(spacing) / 1000.0
+    fov = None if volume_shape is None else field_of_view_ml(volume_shape, spacing)
     fg = list(label_names[1:])
     for i, req in enumerate(per_sample):
         if not isinstance(req, Mapping):
@@ -153,7 +183,69 @@ def requested_attributes(
                                  f"(or ids 1..{len(fg)}).")
             if not isinstance(ml, (int, float)) or isinstance(ml, bool) or not math.isfinite(ml) or ml <= 0:
                 raise ValueError(f"class_volumes[{key!r}] must be a positive volume in mL, got {ml!r}.")
+            if fov is not None and ml > fov:
+                raise ValueError(
+                    f"class_volumes[{key!r}] = {ml:g} mL is larger than the whole field of view, {fov:.4g} mL "
+                    f"({'x'.join(map(str, volume_shape))} voxels of {'x'.join(f'{s:g}' for s in spacing)} mm). "
+                    f"Volumes are in mL (1 mL = {1 / voxel_ml:.4g} voxels here); {ml:g} voxels would be "
+                    f"{ml * voxel_ml:.4g} mL."
+                )
             j = cols.index(f"volume:{name}")
             values[i, j] = math.log1p(ml / voxel_ml)
             mask[i, j] = 1.0
+        total = sum(float(v) for v in req.values())
+        if fov is not None and len(req) > 1 and total > fov:
+            raise ValueError(
+                f"class_volumes {dict(req)} ask for {total:g} mL in total, more than the whole field of view, "
+                f"{fov:.4g} mL ({'x'.join(map(str, volume_shape))} voxels of "
+                f"{'x'.join(f'{s:g}' for s in spacing)} mm). Volumes are in mL."
+            )
     return values, mask
+
+
+def warn_outside_training_range(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    attributes: Sequence[str],
+    label_names: Sequence[str],
+    spacing: Sequence[float],
+    mean: Sequence[float],
+    std: Sequence[float],
+    sigmas: float = TRAINING_RANGE_SIGMAS,
+    stacklevel: int = 2,
+) -> list[str]:
+    """Warn (:class:`OutOfTrainingRangeWarning`) for requested volumes far outside the training statistics.
+
+    Args:
+        values / mask: from :func:`requested_attributes`.
+        mean / std: the model's recorded per-column training statistics of the raw attributes (empty: no check).
+        sigmas: how many standard deviations of ``log1p(voxels)`` from the mean count as "far outside".
+
+    Returns:
+        the warning messages (one per class and value, also when several samples ask the same).
+    """
+    if not mean or not std or "volume" not in attributes:
+        return []
+    voxel_ml = math.prod(spacing) / 1000.0
+    cols = attribute_names(attributes, label_names)
+    messages = []
+    for j, col in enumerate(cols):
+        if not col.startswith("volume:"):
+            continue
+        m, s = float(mean[j]), max(float(std[j]), 1e-6)
+        asked = values[:, j][mask[:, j] > 0]
+        far = sorted({float(v) for v in asked if abs(float(v) - m) > sigmas * s})
+        if not far:
+            continue
+        lo, hi = (math.expm1(max(m - sigmas * s, 0.0)) * voxel_ml, math.expm1(m + sigmas * s) * voxel_ml)
+        got = ", ".join(f"{math.expm1(v) * voxel_ml:.4g}" for v in far)
+        name = col.split(":", 1)[1]
+        messages.append(
+            f"class_volumes[{name!r}] = {got} mL is far outside the training range of this model: about "
+            f"{lo:.3g}-{hi:.3g} mL (mean {math.expm1(m) * voxel_ml:.3g} mL, +-{sigmas:g} std of log volume). "
+            "The model may ignore the request or make implausible labels; check the unit (mL)."
+        )
+    for msg in messages:
+        warnings.warn(msg, OutOfTrainingRangeWarning, stacklevel=stacklevel + 1)
+    return messages

@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import keys
-from .attributes import attribute_names, make_context, requested_attributes, standardise
+from .attributes import (
+    attribute_names,
+    make_context,
+    requested_attributes,
+    standardise,
+    warn_outside_training_range,
+)
 from .config import PipelineConfig
 from .control import qc_accepts, retry_seed, summarise, volumes_within_tolerance
 from .decoding import TileSize, check_tile_size, decode, describe_decode
@@ -107,6 +113,7 @@ class DuoDiffusion:
         prediction_type: str = "epsilon",
         attributes: Sequence[str] = (),
         init_seed: int | None = 0,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> DuoDiffusion:
         """An untrained pipeline of a named architecture (``"tiny"``, ``"hippocampus"``, ``"paper"``).
 
@@ -115,6 +122,7 @@ class DuoDiffusion:
         cfg = make_config(
             name, num_classes=num_classes, volume_shape=volume_shape, spacing=spacing, label_names=label_names,
             image_channels=image_channels, prediction_type=prediction_type, attributes=attributes,
+            overrides=overrides,
         )
         return cls.from_config(cfg, init_seed=init_seed)
 
@@ -357,11 +365,31 @@ class DuoDiffusion:
         sched.set_timesteps(num_inference_steps, device=self.device)
         return sched, amp
 
+    def check_class_volumes(
+        self,
+        class_volumes: Mapping[str | int, float] | Sequence[Mapping[str | int, float]] | None,
+        num_samples: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate a ``class_volumes`` request (mL) as :meth:`sample` does; returns the raw ``(values, mask)``.
+
+        Raises ``ValueError`` for unknown classes, non-positive volumes and volumes above the field of view
+        (``volume_shape`` x ``spacing``, in mL); warns (:class:`~duodiff.attributes.OutOfTrainingRangeWarning`)
+        for volumes far outside the training statistics the model records, giving the range in mL.
+        """
+        c = self.config
+        values, mask = requested_attributes(class_volumes, num_samples, attributes=c.attributes,
+                                            label_names=c.label_names, spacing=c.spacing,
+                                            volume_shape=c.volume_shape)
+        if class_volumes is not None:
+            warn_outside_training_range(values, mask, attributes=c.attributes, label_names=c.label_names,
+                                        spacing=c.spacing, mean=c.attribute_mean, std=c.attribute_std,
+                                        stacklevel=3)
+        return values, mask
+
     def _attribute_context(self, class_volumes, n: int):
         """``(values, mask, context, null_context)`` of a ``class_volumes`` request (contexts None if unconditioned)."""
         c = self.config
-        values, mask = requested_attributes(class_volumes, n, attributes=c.attributes, label_names=c.label_names,
-                                            spacing=c.spacing)
+        values, mask = self.check_class_volumes(class_volumes, n)
         if not c.attributes:
             return values, mask, None, None
         dim = c.label_unet.cross_attention_dim
@@ -446,7 +474,8 @@ class DuoDiffusion:
                 denoising retries the batch at half size.
             class_volumes: requested foreground volumes in **mL**, ``{class name or id: mL}`` for all samples
                 or one mapping per sample; classes left out are unconditioned. Needs a model trained with
-                ``attributes=["volume"]`` (see :mod:`duodiff.attributes`).
+                ``attributes=["volume"]`` (see :mod:`duodiff.attributes`). A volume above the field of view is
+                a ``ValueError``; one far outside the training range warns (:meth:`check_class_volumes`).
             guidance_scale: classifier-free guidance weight of the label stage (``1`` = plain conditional).
             volume_tolerance: with ``class_volumes``, regenerate samples (new seeds) whose measured volumes are
                 not within this relative tolerance (e.g. ``0.15``) of the request — rejection sampling.

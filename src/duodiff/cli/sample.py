@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .common import add_model_argument, load_model, positive_int
 
@@ -25,7 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="skip seeds whose label file already exists in OUT (after an interrupted run)")
     p.add_argument("--class-volume", action="append", default=[], metavar="NAME=ML",
-                   help="request a foreground class volume in mL (repeatable; needs a volume-conditioned model)")
+                   help="request a foreground class volume in mL (repeatable; needs a volume-conditioned model; "
+                        "more than the field of view is an error, far outside the training range a warning)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance of the label stage")
     p.add_argument("--volume-tolerance", type=float, default=None,
                    help="regenerate samples whose volumes miss the request by more than this fraction (e.g. 0.15)")
@@ -64,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
         seeds = [s for s in seeds if not (out / "labelsTr" / f"{sample_name(s, args.prefix)}.nii.gz").exists()]
     pipe = load_model(args, device=dist.device(args.device))
     class_volumes = parse_class_volumes(args.class_volume)
+    with warnings.catch_warnings():  # refuse impossible volumes before writing anything; sample() warns
+        warnings.simplefilter("ignore")
+        pipe.check_class_volumes(class_volumes)
     qc = None
     if args.qc:
         from ..segmenter import SliceSegmenter
