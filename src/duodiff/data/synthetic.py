@@ -248,6 +248,9 @@ class SyntheticPairDataset(Dataset):
         if unknown:
             raise ValueError(f"sample_kwargs has unknown option(s) {unknown}; allowed: {sorted(allowed)}.")
         self.sample_kwargs = dict(sample_kwargs or {})
+        volumes = self.sample_kwargs.get("class_volumes")
+        if volumes is not None:  # refuse impossible volumes here, not later inside a DataLoader worker
+            pipe.check_class_volumes(volumes, len(volumes) if isinstance(volumes, (list, tuple)) else 1)
         if self.sample_kwargs:  # part of the cache fingerprint (a qc module by its class and threshold)
             self.generation["sample_kwargs"] = repr(sorted(
                 (k, type(v).__name__ if k == "qc" else v) for k, v in self.sample_kwargs.items()
