@@ -255,6 +255,47 @@ def test_streaming_set_epoch_gives_fresh_seeds(tiny_pipe):
         ds.set_epoch(-1)
 
 
+def _epoch_seeds(loader, ds, epochs, n):
+    """Seeds of the first ``n`` items of each epoch of the documented loop ``ds.set_epoch(e); for item in loader``."""
+    out = []
+    for e in epochs:
+        ds.set_epoch(e)
+        out.append([int(item["seed"]) for item in first(loader, n)])
+    return out
+
+
+def test_persistent_workers_follow_set_epoch(tiny_pipe):
+    """case04: persistent workers keep their dataset copy, yet every epoch gets fresh seeds (shared epoch).
+
+    2 ranks x 2 persistent forked workers: each epoch's seeds are exactly ``e * 2**32 + 0..7`` (no seed repeated
+    or skipped over ranks and workers), the same as with fresh workers, and no seed repeats across epochs.
+    """
+    epochs = [0, 1, 3, 3]
+    per_rank = []
+    for rank in range(2):
+        ds = SyntheticPairDataset(tiny_pipe, num_samples=None, num_inference_steps=STEPS, rank=rank, world_size=2,
+                                  generation_batch_size=1, pool_size=1)
+        loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True, timeout=300)
+        per_rank.append(_epoch_seeds(loader, ds, epochs, 4))
+        if rank == 0:  # the same seeds as workers started afresh every epoch
+            fresh = DataLoader(ds, batch_size=None, num_workers=2, timeout=300)
+            assert _epoch_seeds(fresh, ds, epochs[:3], 4) == per_rank[0][:3]
+        del loader
+    for i, e in enumerate(epochs):
+        assert sorted(per_rank[0][i] + per_rank[1][i]) == [e * EPOCH_SEED_STRIDE + k for k in range(8)]
+    assert per_rank[0][2] == per_rank[0][3]  # without a new set_epoch, a new iteration replays the epoch
+
+
+def test_persistent_spawned_workers_follow_set_epoch(tiny_pipe):
+    """Spawned workers get the dataset pickled; the epoch still reaches them (a shared tensor travels by handle)."""
+    ds = SyntheticPairDataset(tiny_pipe, num_samples=None, num_inference_steps=STEPS, generation_batch_size=1,
+                              pool_size=1)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True, timeout=300,
+                        multiprocessing_context="spawn")
+    seeds = _epoch_seeds(loader, ds, [0, 2], 2)
+    assert seeds == [[0, 1], [2 * EPOCH_SEED_STRIDE, 2 * EPOCH_SEED_STRIDE + 1]]
+
+
 def test_ranks_have_disjoint_streams_that_cover_every_seed(tiny_pipe):
     streams = [
         first(SyntheticPairDataset(tiny_pipe, num_samples=None, num_inference_steps=STEPS, rank=r,

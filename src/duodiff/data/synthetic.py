@@ -503,6 +503,28 @@ class StreamingSyntheticPairDataset(SyntheticPairDataset, IterableDataset):
             "num_samples=N for a map-style dataset where item i is seed + i."
         )
 
+    # The epoch lives in a shared-memory tensor: DataLoader workers, forked or spawned, hold this very
+    # memory (torch hands shared tensors to workers by handle), so persistent workers read the epoch the
+    # main process set with set_epoch() when they start their next iteration.
+    @property
+    def _epoch(self) -> int:
+        return int(self._shared_epoch.item())
+
+    @_epoch.setter
+    def _epoch(self, epoch: int) -> None:
+        if "_shared_epoch" not in self.__dict__:
+            self._shared_epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._shared_epoch.fill_(int(epoch))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration use fresh seeds (``seed + epoch * 2**32 + ...``), in DataLoader workers too.
+
+        The epoch is kept in shared memory, so workers started before the call (``persistent_workers=True``)
+        use it from their next iteration on. Call it before ``iter(loader)``; an iteration already running
+        keeps its seeds. Without it, a new iteration replays the same sequence.
+        """
+        super().set_epoch(epoch)
+
     def seed_stream(self) -> Iterator[int]:
         """The seeds this process (rank + DataLoader worker) yields, in order (endless)."""
         rank, world = _resolve_rank(self.rank, self.world_size, self._rank_at_init)
