@@ -28,7 +28,8 @@ def load_real(model, data_root: str, split_file: str, subset: str,
 
     c = model.config
     images, labels, names = load_split_cases(data_root, split_file, subset, c.volume_shape, c.num_classes,
-                                             target_spacing=tuple(c.spacing) if resample else ())
+                                             target_spacing=tuple(c.spacing) if resample else (),
+                                             intensity_percentiles=c.intensity_percentiles)
     return images, labels.long(), names
 
 

@@ -63,7 +63,8 @@ def main() -> None:
     if "volume" not in c.attributes:
         raise SystemExit(f"{args.model} is not volume-conditioned (attributes={list(c.attributes)}).")
     voxel_ml = math.prod(c.spacing) / 1000.0
-    _, train_labels, cases = load_split_cases(args.data, args.split, "train", c.volume_shape, c.num_classes)
+    _, train_labels, cases = load_split_cases(args.data, args.split, "train", c.volume_shape, c.num_classes,
+                                              intensity_percentiles=c.intensity_percentiles)
     vols = {n: (train_labels[:, 0] == k).flatten(1).sum(1).tolist() for k, n in enumerate(c.label_names[1:], start=1)}
     results: dict = {"meta": {"model": args.model, "sampler": f"DDIM-{args.steps} {args.dtype}",
                               "train_cases": len(cases)}, "classes": {}}

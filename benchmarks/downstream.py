@@ -10,7 +10,8 @@ training cases) under three conditions, and measures Dice on the held-out test c
 
 Every run has the same number of optimiser steps and the same batch size, so conditions differ only in
 what the batches hold. Real volumes are preprocessed exactly as for training the generator
-(:func:`duodiff.train.data.preprocess_case`: RAS, 0.5/99.5-percentile clip to [0, 1], crop/pad to the
+(:func:`duodiff.train.data.preprocess_case`: RAS, the model's recorded percentile clip (0.5/99.5 for models saved
+before it was recorded) to [0, 1], crop/pad to the
 model's ``volume_shape`` around the label centroid). Test cases are only ever used for evaluation.
 
 Seeds: seed ``s`` picks the real subset (the first ``n`` of a ``numpy.random.default_rng(s)`` permutation
@@ -89,10 +90,12 @@ def load_model(model: str | os.PathLike):
 
 def load_real(data_root: str | os.PathLike, split_file: str | os.PathLike, volume_shape: Sequence[int],
               num_classes: int, *, cache_dir: str | os.PathLike | None = None,
-              progress: bool = True, target_spacing: Sequence[float] = ()) -> dict[str, Any]:
+              progress: bool = True, target_spacing: Sequence[float] = (),
+              intensity_percentiles: Sequence[float] | None = None) -> dict[str, Any]:
     """Preprocess the train and test cases of the split exactly as training does (cached as ``.npz``).
 
     ``target_spacing`` (mm): resample first, for models trained with ``target_spacing`` (the liver example).
+    ``intensity_percentiles``: the model's recorded ``config.intensity_percentiles`` (``None``: 0.5 / 99.5).
 
     Returns:
         dict with ``train_images``/``test_images`` float32 ``(N, 1, H, W, D)`` in [0, 1],
@@ -107,6 +110,8 @@ def load_real(data_root: str | os.PathLike, split_file: str | os.PathLike, volum
     spec = {"root": str(Path(data_root).resolve()), "split": split, "shape": shape, "classes": num_classes, "v": 1}
     if target_spacing:
         spec["spacing"] = [float(v) for v in target_spacing]
+    if intensity_percentiles is not None and tuple(intensity_percentiles) != (0.5, 99.5):
+        spec["percentiles"] = [float(v) for v in intensity_percentiles]  # the default keeps earlier cache keys
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"real-{key}.npz" if cache_dir is not None else None
     if cache is not None and cache.is_file():
@@ -115,7 +120,8 @@ def load_real(data_root: str | os.PathLike, split_file: str | os.PathLike, volum
     out: dict[str, Any] = {}
     for subset in ("train", "test"):
         images, labels, names = load_split_cases(data_root, split_file, subset, shape, num_classes,
-                                                 target_spacing=target_spacing, progress=progress)
+                                                 target_spacing=target_spacing,
+                                                 intensity_percentiles=intensity_percentiles, progress=progress)
         out[f"{subset}_images"], out[f"{subset}_labels"], out[f"{subset}_names"] = images, labels, names
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -497,7 +503,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = load_model(model).config
     num_classes, shape = config.num_classes, tuple(config.volume_shape)
     real_data = load_real(args.data, args.split, shape, num_classes, cache_dir=args.cache_dir, progress=progress,
-                          target_spacing=tuple(config.spacing) if args.resample else ())
+                          target_spacing=tuple(config.spacing) if args.resample else (),
+                          intensity_percentiles=config.intensity_percentiles)
     num_train = len(real_data["train_names"])
     regimes = sorted({num_train if r == "all" else int(r) for r in args.regimes})
     gen_dtype = None if args.gen_dtype == "none" else args.gen_dtype

@@ -341,24 +341,25 @@ def pair_folder(tmp_path: Path) -> Path:
 
 def test_preview_image_label_shape_mismatch(pair_folder, capsys):
     _nifti(pair_folder / "labelsTr" / "a.nii.gz", np.zeros((16, 16, 8), np.uint8))
-    with pytest.raises(ValueError, match=r"shape \(16, 16, 8\) but image has \(16, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"'a': image shape \(16, 16, 16\) != label shape \(16, 16, 8\)"):
         preview_folder(pair_folder, pair_folder / "p.png")
     assert "(16, 16, 8)" in cli_error(["preview", str(pair_folder), "--out", str(pair_folder / "p.png")], capsys)
 
 
 def test_preview_nan_image_in_a_folder(pair_folder):
     _nifti(pair_folder / "imagesTr" / "a_0000.nii.gz", np.full((16, 16, 16), np.nan, np.float32))
-    with pytest.raises(ValueError, match="a_0000.nii.gz' contains 4096 NaN"):
+    with pytest.raises(ValueError, match="case 'a': the image contains NaN or Inf"):
         preview_folder(pair_folder, pair_folder / "p.png")
 
 
 def test_preview_empty_and_missing_folders(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="No 'imagesTr' folder"):
+    with pytest.raises(FileNotFoundError, match="must contain 'imagesTr' and 'labelsTr'"):
         preview_folder(tmp_path, tmp_path / "p.png")
     (tmp_path / "imagesTr").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"No '\*.nii.gz' images"):
+    (tmp_path / "labelsTr").mkdir()
+    with pytest.raises(FileNotFoundError, match="the dataset is empty"):
         preview_folder(tmp_path, tmp_path / "p.png")
-    assert "No '*.nii.gz' images" in cli_error(["preview", str(tmp_path), "--out", str(tmp_path / "p.png")], capsys)
+    assert "the dataset is empty" in cli_error(["preview", str(tmp_path), "--out", str(tmp_path / "p.png")], capsys)
 
 
 # ------------------------------------------------------------------------------------------ training data
@@ -397,7 +398,7 @@ def test_training_empty_dataset_folder(train_data, tmp_path):
         train_data.find_cases(tmp_path)
     (tmp_path / "imagesTr").mkdir()
     (tmp_path / "labelsTr").mkdir()
-    with pytest.raises(ValueError, match="the dataset is empty"):
+    with pytest.raises(FileNotFoundError, match="the dataset is empty"):
         train_data.find_cases(tmp_path)
 
 
@@ -416,8 +417,10 @@ def test_training_label_without_image(train_data, tmp_path):
 def test_training_datalist_points_at_missing_files(train_data, tmp_path):
     root = _dataset(tmp_path, {"a": _good_pair(), "b": _good_pair()})
     (root / "labelsTr" / "b.nii.gz").unlink()
+    from duodiff.data.folders import cases_from_datalist
+
     with pytest.raises(FileNotFoundError, match=r"lists .*labelsTr/b.nii.gz.* does not exist"):
-        train_data.find_cases(datalist=root / "dataset.json")
+        cases_from_datalist(root / "dataset.json")
 
 
 BAD_TRAINING_CASES = [
@@ -447,16 +450,18 @@ def test_training_non_nifti_file(train_data, tmp_path):
         _preprocess(train_data, root)
 
 
-@pytest.mark.parametrize("which", ["2d-slices", "4d-image"])
-def test_training_wrong_dimensionality(train_data, tmp_path, which):
+def test_training_2d_slices(train_data, tmp_path):
     img, lab = _good_pair()
-    if which == "2d-slices":
-        img, lab = img[:, :, 10], lab[:, :, 10]
-    else:  # two channels in one file would silently lose the second one
-        img = np.stack([img, img], axis=-1)
-    root = _dataset(tmp_path, {"case": (img, lab)})
+    root = _dataset(tmp_path, {"case": (img[:, :, 10], lab[:, :, 10])})
     with pytest.raises(train_data.BadCaseError, match=r"'case'.*needs one 3D volume per file"):
         _preprocess(train_data, root)
+
+
+def test_training_reads_every_channel_of_an_msd_4d_image(train_data, tmp_path):
+    img, lab = _good_pair()
+    root = _dataset(tmp_path, {"case": (np.stack([img, 2 * img], axis=-1), lab)})  # MSD: channels last
+    image, label, _ = _preprocess(train_data, root)
+    assert image.shape == (2, 16, 16, 16) and label.shape == (1, 16, 16, 16)
 
 
 # ------------------------------------------------------------------------------------------ output locations
@@ -606,7 +611,7 @@ def metrics_data():
 @pytest.mark.parametrize("case_id, make, fragment", [
     ("nan-image", lambda: (np.full((20, 20, 20), np.nan, np.float32), _good_pair()[1]), "NaN or Inf"),
     ("non-integer-labels", lambda: (_good_pair()[0], _good_pair()[1].astype(np.float32) * 0.5), "non-integer"),
-    ("image-label-shape-mismatch", lambda: (_good_pair((20, 20, 24))[0], _good_pair()[1]), "same size"),
+    ("image-label-shape-mismatch", lambda: (_good_pair((20, 20, 24))[0], _good_pair()[1]), "same voxel grid"),
     ("2d-slices", lambda: (_good_pair()[0][:, :, 10], _good_pair()[1][:, :, 10]), "3D"),
 ], ids=["nan-image", "non-integer-labels", "image-label-shape-mismatch", "2d-slices"])
 def test_evaluation_reader_bad_cases(metrics_data, tmp_path, case_id, make, fragment):

@@ -394,7 +394,7 @@ def test_from_folder_reads_msd_layout_and_unseeded_names(tmp_path):
 
 
 def test_from_folder_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="imagesTr/ and labelsTr/"):
+    with pytest.raises(FileNotFoundError, match="must contain .imagesTr. and .labelsTr."):
         SyntheticPairDataset.from_folder(tmp_path)
     image, label = phantom_pair((8, 8, 8), seed=0)
     write_nifti(Path(tmp_path) / "labelsTr" / "x.nii.gz", label, np.eye(4))

@@ -61,7 +61,7 @@ def test_load_pairs_cases_and_errors(tmp_path):
     assert ps.names == ["case_002", "case_000"]
     with pytest.raises(ValueError, match="case_009"):
         load_pairs(folder, volume_shape=(16, 16, 16), cases=["case_009"])
-    with pytest.raises(FileNotFoundError, match="imagesTr"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_pairs(tmp_path / "nothing")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         load_pairs(folder, normalize=False)  # phantom intensities are ~0..1000

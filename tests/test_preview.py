@@ -8,7 +8,8 @@ import torch
 
 from duodiff import DuoSample
 from duodiff.io import spacing_affine, write_nifti
-from duodiff.preview import find_pairs, plot_pairs, preview_folder
+from duodiff.data.folders import find_cases
+from duodiff.preview import plot_pairs, preview_folder
 from duodiff.testing import phantom_pair
 
 pytest.importorskip("matplotlib")
@@ -55,20 +56,15 @@ def test_plot_pairs_needs_images(tmp_path):
         plot_pairs([], [], tmp_path / "m.png")
 
 
-def test_find_pairs(sample_dir):
-    pairs = find_pairs(sample_dir)
-    assert len(pairs) == 3
-    img, lab = pairs[0]
-    assert img.name == "duodiff_s0000000000_0000.nii.gz"
-    assert lab is not None and lab.name == "duodiff_s0000000000.nii.gz"
-
-
-def test_find_pairs_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No 'imagesTr' folder"):
-        find_pairs(tmp_path)
-    (tmp_path / "imagesTr").mkdir()
-    with pytest.raises(FileNotFoundError, match="No '\\*.nii.gz' images"):
-        find_pairs(tmp_path)
+def test_preview_folder_errors_are_the_shared_readers(tmp_path):
+    with pytest.raises(FileNotFoundError, match="must contain 'imagesTr' and 'labelsTr'"):
+        preview_folder(tmp_path, tmp_path / "m.png")
+    img, lab = phantom_pair((16, 16, 16), seed=0)
+    write_nifti(tmp_path / "imagesTr" / "a_0000.nii.gz", img, np.eye(4))
+    (tmp_path / "labelsTr").mkdir()
+    # an image without label was previewed without overlay; now refused as everywhere else
+    with pytest.raises(FileNotFoundError, match="Image a_0000.nii.gz has no label"):
+        preview_folder(tmp_path, tmp_path / "m.png")
 
 
 def test_preview_folder_limits_cases(sample_dir, tmp_path):
@@ -78,8 +74,8 @@ def test_preview_folder_limits_cases(sample_dir, tmp_path):
 
 
 def test_preview_single_file_with_label(sample_dir, tmp_path):
-    img, lab = find_pairs(sample_dir)[0]
-    png = preview_folder(img, tmp_path / "single.png", label=lab)
+    case = find_cases(sample_dir)[0]
+    png = preview_folder(case.images[0], tmp_path / "single.png", label=case.label)
     assert read_png(png).shape[1] > 0
 
 
@@ -87,7 +83,7 @@ def test_preview_label_shape_mismatch(tmp_path):
     img, lab = phantom_pair((16, 16, 16), seed=0)
     write_nifti(tmp_path / "img.nii.gz", img, np.eye(4))
     write_nifti(tmp_path / "lab.nii.gz", lab[:8], np.eye(4))
-    with pytest.raises(ValueError, match=r"shape \(8, 16, 16\) but image has \(16, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"image shape \(16, 16, 16\) != label shape \(8, 16, 16\)"):
         preview_folder(tmp_path / "img.nii.gz", tmp_path / "m.png", label=tmp_path / "lab.nii.gz")
 
 

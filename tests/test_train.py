@@ -66,7 +66,7 @@ def test_find_cases_msd_and_nnunet(tmp_path):
     msd = find_cases(write_dataset(tmp_path / "msd", n=2))
     nn = find_cases(write_dataset(tmp_path / "nn", n=2, nnunet=True))
     assert [c.name for c in msd] == [c.name for c in nn] == ["case_000", "case_001"]
-    assert nn[0].images[0].endswith("case_000_0000.nii.gz")
+    assert nn[0].images[0].name == "case_000_0000.nii.gz"
 
 
 def test_prepare_normalises_and_crops_around_foreground(dataset, tmp_path):

@@ -353,6 +353,10 @@ class PipelineConfig(_Config):
         image_channels: channels of the generated image (1 for a single MRI sequence).
         intensity_range: what image value 0 and 1 mean, e.g. the percentiles the training data
             was normalised with; informational.
+        intensity_percentiles: the per-volume intensity percentiles ``(lo, hi)`` that real training images
+            were clipped at and scaled to [0, 1] by (``[data].intensity_percentiles``, recorded by
+            ``duodiff train``); ``duodiff evaluate`` and the benchmarks prepare real images the same way.
+            ``None``: not recorded (models saved before duodiff recorded it; (0.5, 99.5) is assumed).
         label_scale_factor / image_scale_factor: multiply encoder latents by this before diffusion
             (1 / latent std, measured after autoencoder training).
     """
@@ -371,6 +375,7 @@ class PipelineConfig(_Config):
     label_names: tuple[str, ...] = ()
     image_channels: int = 1
     intensity_range: tuple[float, float] = (0.0, 1.0)
+    intensity_percentiles: tuple[float, float] | None = None
     label_scale_factor: float = 1.0
     image_scale_factor: float = 1.0
     attributes: tuple[str, ...] = ()
@@ -399,6 +404,12 @@ class PipelineConfig(_Config):
         lo, hi = self.intensity_range
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ConfigError(f"intensity_range must be two finite numbers (lo, hi) with lo < hi, got {(lo, hi)}.")
+        if self.intensity_percentiles is not None:
+            plo, phi = self.intensity_percentiles
+            if not 0 <= plo < phi <= 100:
+                raise ConfigError(
+                    f"intensity_percentiles must satisfy 0 <= lo < hi <= 100 (or be None), got {(plo, phi)}."
+                )
         for name in ("label_scale_factor", "image_scale_factor"):
             v = getattr(self, name)
             if not math.isfinite(v) or v <= 0:

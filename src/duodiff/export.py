@@ -1,4 +1,4 @@
-"""Export real + synthetic pairs as an nnU-Net v2 raw dataset, and read image/label folder layouts.
+"""Export real + synthetic pairs as an nnU-Net v2 raw dataset.
 
 nnU-Net v2 raw layout (https://github.com/MIC-DKFZ/nnUNet/blob/master/documentation/dataset_format.md)::
 
@@ -9,13 +9,14 @@ nnU-Net v2 raw layout (https://github.com/MIC-DKFZ/nnUNet/blob/master/documentat
         labelsTr/<case>.nii.gz
 
 Real cases keep their names, voxels and headers (affines); synthetic cases are copied from a folder
-written by ``duodiff sample`` or generated from a model.
+written by ``duodiff sample`` or generated from a model. Source folders are listed and every case is checked
+by :mod:`duodiff.data.folders`, the reader ``duodiff train`` uses, so export accepts exactly the cases
+training accepts.
 """
 
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
 import shutil
@@ -28,136 +29,23 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from .data.folders import Case, find_cases, read_case, read_channel_names, read_label_names
 from .io import NIFTI_SUFFIX, nnunet_dataset_json, write_json
 
-__all__ = ["Case", "find_cases", "read_dataset_meta", "export_nnunet", "NnunetExport"]
+__all__ = ["read_dataset_meta", "export_nnunet", "NnunetExport"]
 
-_NIFTI_ENDINGS = (".nii.gz", ".nii")
-_CHANNEL = re.compile(r"^(?P<name>.+)_(?P<channel>\d{4})$")
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
-
-
-@dataclass(frozen=True)
-class Case:
-    """One image/label pair on disk.
-
-    Attributes:
-        name: case identifier (label file name without ``.nii.gz``).
-        images: one file per channel in channel order (nnU-Net layout), or a single 3D/4D file (MSD layout).
-        label: the label map file.
-    """
-
-    name: str
-    images: tuple[Path, ...]
-    label: Path
-
-
-def _strip_nifti(name: str) -> str | None:
-    for ending in _NIFTI_ENDINGS:
-        if name.endswith(ending):
-            return name[: -len(ending)]
-    return None
-
-
-def _nifti_files(folder: Path) -> dict[str, Path]:
-    """stem -> path for the NIfTI files of ``folder`` (hidden and temporary files skipped)."""
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        stem = _strip_nifti(p.name)
-        if stem is None or p.name.startswith(".") or not p.is_file():
-            continue
-        if stem in out:
-            raise ValueError(f"{str(folder)!r} holds both {out[stem].name!r} and {p.name!r}; keep one of them.")
-        out[stem] = p
-    return out
-
-
-def find_cases(folder: str | os.PathLike) -> list[Case]:
-    """The image/label pairs of a folder with ``imagesTr/`` and ``labelsTr/``, sorted by name.
-
-    Accepts the nnU-Net layout (``imagesTr/<case>_0000.nii.gz``, ``_0001``, ... per channel), which
-    ``duodiff sample`` writes, and the Medical Segmentation Decathlon layout (``imagesTr/<case>.nii.gz``,
-    3D or 4D with channels last). Labels are ``labelsTr/<case>.nii.gz`` (or ``.nii``).
-
-    Raises:
-        FileNotFoundError: the folders are missing, empty, or a label has no image.
-        ValueError: a case mixes both layouts or its channel files are not numbered 0000, 0001, ...
-    """
-    root = Path(folder)
-    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
-    if not images_dir.is_dir() or not labels_dir.is_dir():
-        raise FileNotFoundError(
-            f"{str(root)!r} must contain imagesTr/ and labelsTr/ folders (nnU-Net or MSD layout, as written by "
-            "`duodiff sample`)."
-        )
-    images = _nifti_files(images_dir)
-    labels = _nifti_files(labels_dir)
-    if not labels:
-        raise FileNotFoundError(f"No label files (*.nii.gz) in {str(labels_dir)!r}.")
-    by_case: dict[str, dict[int, Path]] = {}
-    for stem, path in images.items():
-        m = _CHANNEL.match(stem)
-        if m and m.group("name") in labels:
-            by_case.setdefault(m.group("name"), {})[int(m.group("channel"))] = path
-    cases = []
-    for name, label in labels.items():
-        channel_files = by_case.get(name, {})
-        if channel_files and name in images:
-            raise ValueError(
-                f"Case {name!r} in {str(images_dir)!r} has both {images[name].name!r} (MSD layout) and "
-                f"{channel_files[min(channel_files)].name!r} (nnU-Net layout); keep one layout."
-            )
-        if channel_files:
-            order = sorted(channel_files)
-            if order != list(range(len(order))):
-                raise ValueError(
-                    f"Case {name!r}: channel files must be numbered _0000, _0001, ... without gaps, found "
-                    f"{[f'_{c:04d}' for c in order]} in {str(images_dir)!r}."
-                )
-            cases.append(Case(name, tuple(channel_files[c] for c in order), label))
-        elif name in images:
-            cases.append(Case(name, (images[name],), label))
-        else:
-            raise FileNotFoundError(
-                f"Label {label.name!r} has no image in {str(images_dir)!r}; expected {name}_0000.nii.gz "
-                f"(nnU-Net) or {name}.nii.gz (MSD)."
-            )
-    return cases
 
 
 def read_dataset_meta(folder: str | os.PathLike) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
     """``(label_names, channel_names)`` from ``folder/dataset.json`` (nnU-Net v2 or MSD); ``None`` when absent.
 
+    Both are read by :mod:`duodiff.data.folders`, the parser every duodiff command uses.
+
     Raises:
-        ValueError: the file is not valid JSON, or labels are not consecutive ids 0..K-1.
+        DatasetJsonError: invalid JSON, region-based labels, or label ids that are not 0..K-1.
     """
-    path = Path(folder) / "dataset.json"
-    if not path.is_file():
-        return None, None
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
-    labels = meta.get("labels")
-    label_names: tuple[str, ...] | None = None
-    if isinstance(labels, dict) and labels:
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):  # v2: name -> id
-            pairs = sorted((v, k) for k, v in labels.items())
-        elif all(str(k).isdigit() and isinstance(v, str) for k, v in labels.items()):  # MSD: "id" -> name
-            pairs = sorted((int(k), v) for k, v in labels.items())
-        else:
-            raise ValueError(
-                f"{str(path)!r}: 'labels' must map names to integer ids (nnU-Net v2) or ids to names (MSD); "
-                f"region-based labels are not supported. Got {labels}."
-            )
-        if [i for i, _ in pairs] != list(range(len(pairs))):
-            raise ValueError(f"{str(path)!r}: label ids must be 0..{len(pairs) - 1} without gaps, got {labels}.")
-        label_names = tuple(n for _, n in pairs)
-    channels = meta.get("channel_names", meta.get("modality"))
-    channel_names = None
-    if isinstance(channels, dict) and channels:
-        channel_names = tuple(str(channels[k]) for k in sorted(channels, key=lambda k: int(k)))
-    return label_names, channel_names
+    return read_label_names(folder), read_channel_names(folder)
 
 
 def _copy_as_niigz(src: Path, dst: Path) -> None:
@@ -169,44 +57,29 @@ def _copy_as_niigz(src: Path, dst: Path) -> None:
             shutil.copyfileobj(fin, fout)
 
 
-def _spatial_shape(path: Path) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in nib.load(str(path)).shape)
-    except Exception as e:  # nibabel raises many types for corrupt files
-        raise ValueError(f"{str(path)!r} is not a readable NIfTI file: {e}") from e
-
-
 def _write_case(case: Case, images_dir: Path, labels_dir: Path, num_channels: int) -> None:
-    """Write one case in nnU-Net naming, keeping voxels and headers."""
-    label_shape = _spatial_shape(case.label)
-    if len(case.images) == 1 and len(_spatial_shape(case.images[0])) == 4:  # MSD 4D: split channels
+    """Write one case in nnU-Net naming, keeping voxels and headers.
+
+    The case is first read and checked by :func:`duodiff.data.folders.read_case`, as training reads it: a case
+    ``duodiff train`` would refuse (different image/label grids, non-integer labels, NaN) is never exported.
+    """
+    pair = read_case(case)
+    if pair.image.shape[0] != num_channels:
+        raise ValueError(
+            f"Case {case.name!r} has {pair.image.shape[0]} image channel(s), expected {num_channels} "
+            "(channel_names). Every case needs the same channels."
+        )
+    if len(case.images) == 1 and len(nib.load(str(case.images[0])).shape) == 4:  # MSD 4D: split channels
         img = nib.load(str(case.images[0]))
-        shape = tuple(img.shape)
-        if shape[:3] != label_shape or shape[3] != num_channels:
-            raise ValueError(
-                f"Case {case.name!r}: image shape {shape} does not match label shape {label_shape} with "
-                f"{num_channels} channel(s)."
-            )
         data = np.asarray(img.dataobj)
-        for c in range(shape[3]):
+        for c in range(data.shape[3]):
             header = img.header.copy()
             out = nib.Nifti1Image(data[..., c], img.affine, header)
             nib.save(out, str(images_dir / f"{case.name}_{c:04d}{NIFTI_SUFFIX}"))
     else:
-        if len(case.images) != num_channels:
-            raise ValueError(
-                f"Case {case.name!r} has {len(case.images)} channel file(s), expected {num_channels} "
-                "(channel_names). Every case needs the same channels."
-            )
         for c, src in enumerate(case.images):
-            shape = _spatial_shape(src)
-            if shape != label_shape:
-                raise ValueError(
-                    f"Case {case.name!r}: image {src.name!r} has shape {shape} but label {case.label.name!r} has "
-                    f"{label_shape}; image and label must be on the same voxel grid."
-                )
-            _copy_as_niigz(src, images_dir / f"{case.name}_{c:04d}{NIFTI_SUFFIX}")
-    _copy_as_niigz(case.label, labels_dir / f"{case.name}{NIFTI_SUFFIX}")
+            _copy_as_niigz(Path(src), images_dir / f"{case.name}_{c:04d}{NIFTI_SUFFIX}")
+    _copy_as_niigz(Path(case.label), labels_dir / f"{case.name}{NIFTI_SUFFIX}")
 
 
 @dataclass

@@ -10,7 +10,7 @@ import numpy as np
 
 from .io import NIFTI_SUFFIX, read_nifti
 
-__all__ = ["plot_pairs", "preview_folder", "find_pairs"]
+__all__ = ["plot_pairs", "preview_folder"]
 
 
 def _require_matplotlib():
@@ -91,47 +91,33 @@ def plot_pairs(
     return out
 
 
-def find_pairs(folder: str | os.PathLike) -> list[tuple[Path, Path | None]]:
-    """``(image, label)`` paths in an nnU-Net/MSD folder (``imagesTr`` + ``labelsTr``), sorted by name."""
-    folder = Path(folder)
-    images_dir = folder / "imagesTr"
-    if not images_dir.is_dir():
-        raise FileNotFoundError(
-            f"No 'imagesTr' folder in {str(folder)!r}. Pass a folder written by `duodiff sample` or a NIfTI file."
-        )
-    pairs = []
-    for img in sorted(images_dir.glob(f"*{NIFTI_SUFFIX}")):
-        case = img.name[: -len(NIFTI_SUFFIX)]
-        if case[-5:-4] == "_" and case[-4:].isdigit():
-            if case[-4:] != "0000":
-                continue
-            case = case[:-5]
-        lab = folder / "labelsTr" / f"{case}{NIFTI_SUFFIX}"
-        pairs.append((img, lab if lab.is_file() else None))
-    if not pairs:
-        raise FileNotFoundError(f"No '*{NIFTI_SUFFIX}' images in {str(images_dir)!r}.")
-    return pairs
-
-
 def preview_folder(path: str | os.PathLike, out: str | os.PathLike, *, max_cases: int = 4,
                    label: str | os.PathLike | None = None) -> Path:
-    """Montage of up to ``max_cases`` pairs from a sample folder, or of one NIfTI image (+ optional label)."""
+    """Montage of up to ``max_cases`` pairs from a sample folder, or of one NIfTI image (+ optional label).
+
+    A folder (``imagesTr`` + ``labelsTr``, MSD or nnU-Net layout) is listed and its cases are read by
+    :mod:`duodiff.data.folders`, as ``duodiff train`` reads them: the same cases are refused with the same
+    messages (an image without label, image and label on different grids, non-integer labels). The first
+    image channel is shown, reoriented to RAS.
+    """
+    from .data.folders import Case, find_cases, read_case
+
     path = Path(path)
     if path.is_dir():
-        pairs = find_pairs(path)[:max_cases]
+        cases = find_cases(path)[:max_cases]
+        pairs = [read_case(c) for c in cases]
+        images = [p.image[0] for p in pairs]
+        labels: list[np.ndarray | None] = [p.label[0] for p in pairs]
+        titles = [p.name for p in pairs]
     elif path.is_file():
-        pairs = [(path, Path(label) if label else None)]
+        name = path.name.replace(NIFTI_SUFFIX, "")
+        if label:
+            pair = read_case(Case(name, (path,), Path(label)))
+            images, labels = [pair.image[0]], [pair.label[0]]
+        else:
+            img, _ = read_nifti(path)
+            images, labels = [(img[..., 0] if img.ndim == 4 else img).astype(np.float32)], [None]
+        titles = [name]
     else:
         raise FileNotFoundError(f"Nothing to preview at {str(path)!r}: pass a sample folder or a NIfTI file.")
-    images, labels, titles = [], [], []
-    for img_path, lab_path in pairs:
-        img, _ = read_nifti(img_path)
-        if img.ndim == 4:
-            img = img[..., 0]
-        lab = read_nifti(lab_path)[0].astype(np.int64) if lab_path else None
-        if lab is not None and lab.shape != img.shape:
-            raise ValueError(f"Label {lab_path.name} has shape {lab.shape} but image has {img.shape}.")
-        images.append(img.astype(np.float32))
-        labels.append(lab)
-        titles.append(img_path.name.replace(NIFTI_SUFFIX, ""))
     return plot_pairs(images, labels, out, titles=titles)

@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from ..data.folders import DEFAULT_INTENSITY_PERCENTILES
     from ..metrics import PairSet, evaluate, load_pairs, parse_cases, read_label_names, write_report
     from ..segmenter import SliceSegmenter
 
@@ -88,18 +89,24 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. real pairs on the model's grid (read first so that a bad folder fails before generation)
     t = time.perf_counter()
+    # the model's recorded preprocessing; models saved before it was recorded (and no model): 0.5 / 99.5
+    percentiles = DEFAULT_INTENSITY_PERCENTILES
+    if pipe is not None and pipe.config.intensity_percentiles is not None:
+        percentiles = tuple(pipe.config.intensity_percentiles)
+    setup["intensity_percentiles"] = list(percentiles)
     synthetic = None
     if pipe is None:
-        synthetic = load_pairs(args.synthetic, normalize=args.normalize_synthetic)
+        synthetic = load_pairs(args.synthetic, normalize=args.normalize_synthetic, intensity_percentiles=percentiles)
     volume_shape = tuple(pipe.config.volume_shape) if pipe is not None else tuple(synthetic.images.shape[2:])
     spacing = tuple(pipe.config.spacing) if pipe is not None else tuple(synthetic.spacing)
     resample = spacing if args.resample else None
     cases = parse_cases(args.cases)
-    real = load_pairs(args.real, volume_shape=volume_shape, cases=cases, resample_spacing=resample)
+    real = load_pairs(args.real, volume_shape=volume_shape, cases=cases, resample_spacing=resample,
+                      intensity_percentiles=percentiles)
     train_real = None
     if args.train_real is not None:
         train_real = load_pairs(args.train_real, volume_shape=volume_shape, cases=parse_cases(args.train_cases),
-                                resample_spacing=resample)
+                                resample_spacing=resample, intensity_percentiles=percentiles)
         setup["train_real"] = str(args.train_real)
     timing["load_real_s"] = time.perf_counter() - t
     if cases is not None:
@@ -110,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     if args.synthetic is not None:
         if synthetic is None:
-            synthetic = load_pairs(args.synthetic, normalize=args.normalize_synthetic)
+            synthetic = load_pairs(args.synthetic, normalize=args.normalize_synthetic,
+                                   intensity_percentiles=percentiles)
         setup["synthetic_source"] = f"folder {args.synthetic}"
         if tuple(synthetic.images.shape[2:]) != volume_shape:
             raise ValueError(f"--synthetic volumes are {tuple(synthetic.images.shape[2:])} but the model makes "

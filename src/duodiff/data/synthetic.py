@@ -35,8 +35,8 @@ from .. import keys
 from ..threads import GENERATION_THREADS, check_num_threads, intra_op_threads
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..export import Case
     from ..pipeline import DuoDiffusion
+    from .folders import Case
 
 __all__ = ["SyntheticPairDataset", "StreamingSyntheticPairDataset", "stream_position", "EPOCH_SEED_STRIDE"]
 
@@ -279,13 +279,16 @@ class SyntheticPairDataset(Dataset):
         """A map-style dataset over pairs written by ``duodiff sample`` / :meth:`DuoSample.save`.
 
         Reads ``folder/imagesTr/<name>_0000.nii.gz`` (one file per channel) and ``folder/labelsTr/<name>.nii.gz``,
-        sorted by name. Items have the same keys as generated ones; ``"seed"`` is parsed from names
-        ending in ``_s<seed>`` (``-1`` when a name has no seed).
+        or any MSD / nnU-Net v2 folder, sorted by name. Items have the same keys as generated ones; ``"seed"`` is
+        parsed from names ending in ``_s<seed>`` (``-1`` when a name has no seed). Cases are listed and read by
+        :mod:`duodiff.data.folders`, as ``duodiff train`` reads them (reoriented to RAS; the item's affine is the
+        reoriented one).
 
         Raises:
-            FileNotFoundError: ``folder`` has no ``imagesTr``/``labelsTr`` pairs.
+            FileNotFoundError: ``folder`` has no ``imagesTr``/``labelsTr`` pairs, or a label or image is unpaired.
+            BadCaseError: (when an item is read) image and label on different grids, non-integer labels, NaN.
         """
-        from ..export import find_cases
+        from .folders import find_cases
 
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable (e.g. a monai.transforms.Compose), got {transform!r}.")
@@ -347,28 +350,12 @@ class SyntheticPairDataset(Dataset):
         return self.transform(item) if self.transform is not None else item
 
     def _read_case(self, case: Case) -> dict[str, Any]:
-        from ..io import read_nifti
+        from .folders import read_case
 
-        channels, affine = [], None
-        for path in case.images:
-            data, aff = read_nifti(path)
-            if data.ndim == 4:  # MSD layout: (H, W, D, C) in one file
-                channels.extend(np.moveaxis(data, -1, 0))
-            else:
-                channels.append(data)
-            affine = aff if affine is None else affine
-        label, label_affine = read_nifti(case.label)
-        if label.ndim != 3:
-            raise ValueError(f"label {str(case.label)!r} must be a 3D volume, got shape {label.shape}.")
-        image = torch.from_numpy(np.stack(channels).astype(np.float32))
-        lab = torch.from_numpy(np.asarray(label).astype(np.int64))[None]
-        if tuple(image.shape[1:]) != tuple(lab.shape[1:]):
-            raise ValueError(
-                f"case {case.name!r}: image shape {tuple(image.shape[1:])} differs from label shape "
-                f"{tuple(lab.shape[1:])}; fix the files in {str(case.label.parent.parent)!r}."
-            )
+        pair = read_case(case)  # the shared checks: same grid, integer labels (never truncated), no NaN
         match = _SEED_IN_NAME.search(case.name)
-        return _as_item(image, lab, affine, int(match.group(1)) if match else -1, label_affine=label_affine)
+        return _as_item(torch.from_numpy(pair.image), torch.from_numpy(pair.label), pair.affine,
+                        int(match.group(1)) if match else -1)
 
     # ------------------------------------------------------------------ generation + cache
     def _generate(self, seeds: Sequence[int]) -> list[dict[str, Any]]:

@@ -3,10 +3,11 @@
 Real volumes are brought to the model's grid the way ``duodiff train`` prepares its data
 (:mod:`duodiff.train.data`), so that real and synthetic images are compared on equal terms:
 
-1. ``LoadImaged`` + ``EnsureChannelFirstd`` + ``Orientationd("RAS")`` (MONAI transforms);
-   optionally ``Spacingd`` to the model's voxel spacing (``resample=True``);
-2. ``ScaleIntensityRangePercentilesd``: per volume and channel, the 0.5th / 99.5th intensity
-   percentiles map to 0 / 1 and values outside are clipped;
+1. :func:`duodiff.data.folders.read_case` (the reader every duodiff command shares): RAS orientation,
+   image/label grid and label checks, optionally resampling to the model's voxel spacing (``resample=True``);
+2. :func:`duodiff.data.folders.normalise_intensity`: per volume and channel, the model's recorded intensity
+   percentiles (``config.intensity_percentiles``; 0.5th / 99.5th for models saved before they were
+   recorded) map to 0 / 1 and values outside are clipped;
 3. a crop / zero-pad to ``volume_shape`` centred on the label foreground centroid
    (:func:`duodiff.train.data.crop_or_pad`, the training crop).
 
@@ -26,7 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import keys
+from ..data.folders import (
+    DEFAULT_INTENSITY_PERCENTILES,
+    find_cases,
+    normalise_intensity,
+    read_case,
+    read_label_names,
+)
 from ..io import NIFTI_SUFFIX
 
 __all__ = ["PairSet", "load_pairs", "find_cases", "parse_cases", "read_label_names", "REAL_PREPROCESSING"]
@@ -34,8 +41,9 @@ __all__ = ["PairSet", "load_pairs", "find_cases", "parse_cases", "read_label_nam
 #: How real volumes are prepared; copied into every report.
 REAL_PREPROCESSING = (
     "Real images: reoriented to RAS{resample}, per-volume intensity normalisation to [0, 1] by clipping at the "
-    "0.5th and 99.5th percentiles (monai.transforms.ScaleIntensityRangePercentilesd), then crop/zero-pad to the "
-    "model's volume_shape centred on the label foreground centroid (the crop duodiff train uses)."
+    "{lo:g}th and {hi:g}th percentiles (duodiff.data.folders.normalise_intensity, as duodiff train does; the model's "
+    "recorded intensity_percentiles), then crop/zero-pad to the model's volume_shape centred on the label foreground "
+    "centroid (the crop duodiff train uses)."
 )
 
 
@@ -126,69 +134,6 @@ def parse_cases(cases: str | os.PathLike | Sequence[str] | None) -> list[str] | 
     return names
 
 
-def find_cases(folder: str | os.PathLike, cases: Sequence[str] | None = None) -> list[tuple[str, list[Path], Path]]:
-    """``(case, [image channel files], label file)`` for each case of an MSD / nnU-Net folder, sorted by name.
-
-    Images may be ``imagesTr/<case>.nii.gz`` or ``imagesTr/<case>_0000.nii.gz`` (+ ``_0001``, ... for more
-    channels); labels are ``labelsTr/<case>.nii.gz``.
-    """
-    folder = Path(folder)
-    images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
-    if not images_dir.is_dir() or not labels_dir.is_dir():
-        raise FileNotFoundError(
-            f"{str(folder)!r} must contain 'imagesTr' and 'labelsTr' folders (MSD / nnU-Net layout); "
-            f"found imagesTr={images_dir.is_dir()}, labelsTr={labels_dir.is_dir()}.")
-    found: dict[str, list[Path]] = {}
-    for img in sorted(images_dir.glob(f"*{NIFTI_SUFFIX}")):
-        if img.name.startswith("."):
-            continue
-        stem = img.name[: -len(NIFTI_SUFFIX)]
-        if stem[-5:-4] == "_" and stem[-4:].isdigit():
-            found.setdefault(stem[:-5], []).append(img)
-        else:
-            found.setdefault(stem, []).append(img)
-    result = []
-    for case in sorted(found):
-        lab = labels_dir / f"{case}{NIFTI_SUFFIX}"
-        if lab.is_file():
-            result.append((case, sorted(found[case]), lab))
-    if cases is not None:
-        by_name = {c: (c, i, lab) for c, i, lab in result}
-        missing = [c for c in cases if c not in by_name]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} requested case(s) have no image+label pair in {str(folder)!r}: {missing[:5]}"
-                f"{'...' if len(missing) > 5 else ''}. Available e.g. {sorted(by_name)[:3]}.")
-        result = [by_name[c] for c in dict.fromkeys(cases)]
-    if not result:
-        raise FileNotFoundError(f"No image+label pairs ('*{NIFTI_SUFFIX}' in imagesTr with a same-named file in "
-                                f"labelsTr) in {str(folder)!r}.")
-    return result
-
-
-def read_label_names(folder: str | os.PathLike) -> tuple[str, ...] | None:
-    """Class names from a folder's ``dataset.json`` (MSD ``{"0": name}`` or nnU-Net ``{name: 0}``), if present."""
-    path = Path(folder) / "dataset.json"
-    if not path.is_file():
-        return None
-    try:
-        labels = json.loads(path.read_text()).get("labels")
-    except (json.JSONDecodeError, AttributeError):
-        return None
-    if not isinstance(labels, dict) or not labels:
-        return None
-    try:
-        if all(str(k).isdigit() for k in labels):
-            pairs = sorted((int(k), str(v)) for k, v in labels.items())
-        else:
-            pairs = sorted((int(v), str(k)) for k, v in labels.items())
-    except (TypeError, ValueError):
-        return None
-    if [i for i, _ in pairs] != list(range(len(pairs))):
-        return None
-    return tuple(n for _, n in pairs)
-
-
 def load_pairs(
     folder: str | os.PathLike,
     *,
@@ -197,8 +142,12 @@ def load_pairs(
     normalize: bool = True,
     resample_spacing: Sequence[float] | None = None,
     max_cases: int | None = None,
+    intensity_percentiles: Sequence[float] | None = None,
 ) -> PairSet:
     """Read an MSD / nnU-Net folder into a :class:`PairSet`.
+
+    Cases are listed and read by :mod:`duodiff.data.folders` (the reader ``duodiff train`` uses), so the
+    same cases are accepted and refused with the same messages.
 
     Args:
         folder: with ``imagesTr/`` and ``labelsTr/``.
@@ -207,59 +156,35 @@ def load_pairs(
         cases: restrict to these case names (see :func:`parse_cases`).
         normalize: percentile-normalise images to [0, 1] (real data). With ``False`` images are read as
             stored and must already lie in [0, 1] (duodiff samples).
-        resample_spacing: resample to this voxel size in mm first (``monai.transforms.Spacingd``).
+        resample_spacing: resample to this voxel size in mm first (``monai.transforms.Spacing``).
         max_cases: read at most this many cases (the first by name).
+        intensity_percentiles: ``(lo, hi)`` percentiles of the normalisation: the model's recorded
+            ``config.intensity_percentiles``; ``None``: (0.5, 99.5), the default of ``duodiff train``.
 
     Returns:
         the pairs; ``info`` holds ``label_voxels_lost`` (by the crop), ``spacings`` and ``preprocessing``.
     """
-    from monai.transforms import Compose, LoadImaged, Orientationd, ScaleIntensityRangePercentilesd, Spacingd
-
     from ..train.data import crop_or_pad
 
-    both = [keys.IMAGE, keys.LABEL]
-    entries = find_cases(folder, cases)
+    percentiles = tuple(float(p) for p in (intensity_percentiles or DEFAULT_INTENSITY_PERCENTILES))
+    entries = find_cases(folder, cases=cases)
+    if not entries:
+        raise FileNotFoundError(f"No image+label pairs in {str(folder)!r}.")
     if max_cases is not None:
         entries = entries[:max_cases]
-    steps = [LoadImaged(keys=both, image_only=True, ensure_channel_first=True),
-             Orientationd(keys=both, axcodes="RAS", labels=None)]
-    if resample_spacing is not None:
-        steps.append(Spacingd(keys=both, pixdim=[float(s) for s in resample_spacing], mode=("bilinear", "nearest")))
-    load = Compose(steps)
-    scale = ScaleIntensityRangePercentilesd(keys=keys.IMAGE, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True,
-                                            channel_wise=True)
     images, labels, names, spacings, lost = [], [], [], [], []
-    for case, image_files, label_file in entries:
-        channels = []
-        for f in image_files:
-            d = load({keys.IMAGE: str(f), keys.LABEL: str(label_file)})
-            channels.append(d[keys.IMAGE])
-        lab = d[keys.LABEL]
-        if any(c.ndim != 4 or c.shape[0] != 1 for c in channels):
-            raise ValueError(f"Case {case!r}: every image file must hold one 3D volume; got shapes "
-                             f"{[tuple(c.shape) for c in channels]} (channel first). Store channels as _0000, _0001.")
-        if lab.ndim != 4 or lab.shape[0] != 1 or channels[0].shape[1:] != lab.shape[1:]:
-            raise ValueError(f"Case {case!r}: image {tuple(channels[0].shape[1:])} and label {tuple(lab.shape)} "
-                             "(channel first) must be 3D volumes of the same size.")
-        spacings.append(tuple(round(float(s), 6) for s in np.asarray(lab.pixdim)[:3]))
-        img = torch.cat([torch.as_tensor(c) for c in channels]).float()
-        if normalize:
-            img = torch.as_tensor(scale({keys.IMAGE: img})[keys.IMAGE]).float()
-        img_np = np.asarray(img, dtype=np.float32)
-        lab_np = np.asarray(lab)
-        if not np.all(np.isfinite(img_np)):
-            raise ValueError(f"Case {case!r}: the image contains NaN or Inf values.")
-        if not np.allclose(lab_np, np.round(lab_np)) or lab_np.min() < 0:
-            raise ValueError(f"Case {case!r}: label file {label_file.name} holds non-integer or negative values; "
-                             "labels must be class ids 0..K-1.")
-        lab_np = np.round(lab_np).astype(np.int64)
+    for case in entries:
+        pair = read_case(case, target_spacing=resample_spacing)
+        spacings.append(tuple(round(float(s), 6) for s in pair.spacing))
+        img_np = normalise_intensity(pair.image, percentiles, case.name) if normalize else pair.image
+        lab_np = pair.label
         if volume_shape is not None:
             before = int((lab_np > 0).sum())
             img_np, lab_np, _ = crop_or_pad(img_np, lab_np, [int(s) for s in volume_shape])
             lost.append(before - int((lab_np > 0).sum()))
-        images.append(torch.from_numpy(np.ascontiguousarray(img_np)))
+        images.append(torch.from_numpy(np.ascontiguousarray(img_np, dtype=np.float32)))
         labels.append(torch.from_numpy(np.ascontiguousarray(lab_np)).long())
-        names.append(case)
+        names.append(case.name)
     shapes = {tuple(t.shape) for t in images}
     if len(shapes) > 1:
         raise ValueError(f"Cases in {str(folder)!r} have different shapes {sorted(shapes)[:3]}; pass volume_shape= "
@@ -273,8 +198,9 @@ def load_pairs(
         images_t = images_t.clamp_(0.0, 1.0)
     resample = f", resampled to {tuple(resample_spacing)} mm" if resample_spacing is not None else ""
     info: dict[str, Any] = {"folder": str(folder), "spacings": sorted(set(spacings)),
-                            "preprocessing": REAL_PREPROCESSING.format(resample=resample) if normalize
-                            else "read as stored (values in [0, 1])"}
+                            "preprocessing": REAL_PREPROCESSING.format(resample=resample, lo=percentiles[0],
+                                                                       hi=percentiles[1]) if normalize
+                            else "read as stored (values in [0, 1])", "intensity_percentiles": list(percentiles)}
     if volume_shape is not None:
         info["label_voxels_lost"] = {"total": int(sum(lost)), "cases_affected": int(sum(v > 0 for v in lost)),
                                      "max_per_case": int(max(lost, default=0))}

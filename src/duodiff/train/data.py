@@ -1,10 +1,11 @@
 """Read labelled NIfTI datasets (MSD / nnU-Net raw layout or a MONAI datalist) and preprocess them.
 
-Preprocessing (MONAI transforms): load, channel-first, orientation to RAS, optional resampling to a target
-spacing, per-volume percentile clip + scale to [0, 1], labels remapped to ``0..K-1``, then a crop/pad to the
-model's ``volume_shape`` centred on the label foreground centroid. Bad cases (NaN/Inf, image/label shape
-mismatch, empty label) fail or are skipped with a report, never silently. Preprocessed arrays are cached as
-``.npz`` (loaded with ``allow_pickle=False``).
+Cases are listed and read by :mod:`duodiff.data.folders`, the reader every duodiff command shares (load,
+channel-first, orientation to RAS, image/label grid check, optional resampling to a target spacing). Then:
+per-volume percentile clip + scale to [0, 1], labels remapped to ``0..K-1``, and a crop/pad to the model's
+``volume_shape`` centred on the label foreground centroid. Bad cases (NaN/Inf, image and label on different
+grids, non-integer labels, empty label) fail or are skipped with a report, never silently. Preprocessed arrays
+are cached as ``.npz`` (loaded with ``allow_pickle=False``).
 """
 
 from __future__ import annotations
@@ -20,96 +21,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import NIFTI_SUFFIX, atomic_write
+from ..data.folders import (
+    DEFAULT_INTENSITY_PERCENTILES,
+    BadCaseError,
+    Case,
+    cases_from_datalist,
+    find_cases,
+    normalise_intensity,
+    read_case,
+    read_dataset_labels,
+)
+from ..io import atomic_write
 from .config import DataConfig
 
 __all__ = ["Case", "PreparedData", "find_cases", "read_split", "preprocess_case", "prepare_dataset", "load_split_cases",
            "BadCaseError"]
 
 logger = logging.getLogger(__name__)
-
-
-class BadCaseError(ValueError):
-    """A case cannot be used (NaN, shape mismatch, empty label, unreadable file)."""
-
-
-@dataclass(frozen=True)
-class Case:
-    """One labelled case: ``image`` paths (one per channel) and a ``label`` path."""
-
-    name: str
-    images: tuple[str, ...]
-    label: str
-
-
-def _case_name(path: str) -> str:
-    name = Path(path).name
-    for suffix in (NIFTI_SUFFIX, ".nii"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return name
-
-
-def find_cases(root: str | os.PathLike | None = None, datalist: str | os.PathLike | None = None) -> list[Case]:
-    """List the labelled cases of an MSD / nnU-Net raw folder or a MONAI datalist JSON.
-
-    MSD: ``dataset.json`` ``training`` entries (``./imagesTr/x.nii.gz``) or, without them, ``imagesTr/*`` files.
-    nnU-Net: ``imagesTr/<case>_0000.nii.gz`` (+ ``_0001`` ...) and ``labelsTr/<case>.nii.gz``.
-    """
-    if datalist:
-        dl = Path(datalist)
-        if not dl.is_file():
-            raise FileNotFoundError(f"Datalist {str(dl)!r} does not exist.")
-        entries = json.loads(dl.read_text()).get("training")
-        if not entries:
-            raise ValueError(f"Datalist {str(dl)!r} has no 'training' entries.")
-        base = dl.parent
-        cases = []
-        for e in entries:
-            imgs = e["image"] if isinstance(e["image"], list) else [e["image"]]
-            cases.append(Case(_case_name(e["label"]), tuple(str((base / i).resolve()) for i in imgs),
-                              str((base / e["label"]).resolve())))
-        return _check_exist(cases, dl)
-    if root is None:
-        raise ValueError("Pass a dataset root folder or a datalist JSON.")
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"Dataset folder {str(root)!r} does not exist.")
-    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
-    if not images_dir.is_dir() or not labels_dir.is_dir():
-        raise FileNotFoundError(
-            f"{str(root)!r} must contain 'imagesTr' and 'labelsTr' folders (MSD / nnU-Net raw layout)."
-        )
-    label_files = sorted(p for p in labels_dir.iterdir() if p.name.endswith((NIFTI_SUFFIX, ".nii"))
-                         and not p.name.startswith("."))
-    if not label_files:
-        raise ValueError(f"No label files (*.nii.gz) in {str(labels_dir)!r}: the dataset is empty.")
-    cases = []
-    for lab in label_files:
-        name = _case_name(lab.name)
-        plain = images_dir / lab.name
-        if plain.is_file():
-            cases.append(Case(name, (str(plain),), str(lab)))
-            continue
-        channels = sorted(images_dir.glob(f"{name}_[0-9][0-9][0-9][0-9]{NIFTI_SUFFIX}"))
-        if not channels:
-            raise FileNotFoundError(
-                f"Label {lab.name} has no image: expected {str(plain)!r} (MSD) or "
-                f"'{name}_0000{NIFTI_SUFFIX}' (nnU-Net) in {str(images_dir)!r}."
-            )
-        cases.append(Case(name, tuple(str(c) for c in channels), str(lab)))
-    return cases
-
-
-def _check_exist(cases: list[Case], source: Path) -> list[Case]:
-    for c in cases:
-        for p in (*c.images, c.label):
-            if not Path(p).is_file():
-                raise FileNotFoundError(
-                    f"{str(source)!r} lists {p!r} for case {c.name!r}, but the file does not exist."
-                )
-    return cases
 
 
 def read_split(path: str | os.PathLike) -> dict[str, list[str]]:
@@ -157,22 +85,9 @@ def crop_or_pad(image: np.ndarray, label: np.ndarray, shape: Sequence[int]) -> t
     return img, lab, lost
 
 
-def _transforms(cfg: DataConfig):
-    from monai import transforms as mt
-
-    keys = ["image", "label"]
-    ts = [
-        mt.LoadImaged(keys, image_only=False, ensure_channel_first=True),
-        mt.Orientationd(keys, axcodes="RAS", labels=None),
-    ]
-    if cfg.target_spacing:
-        ts.append(mt.Spacingd(keys, pixdim=cfg.target_spacing, mode=("bilinear", "nearest")))
-    return mt.Compose(ts)
-
-
-def preprocess_case(case: Case, cfg: DataConfig, volume_shape: Sequence[int], label_values: Sequence[int],
-                    transform=None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Load and preprocess one case.
+def preprocess_case(case: Case, cfg: DataConfig, volume_shape: Sequence[int], label_values: Sequence[int]
+                    ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Load and preprocess one case (read with :func:`duodiff.data.folders.read_case`, as every reader does).
 
     Returns:
         image float32 ``(C, *volume_shape)`` in [0, 1], label uint8 ``(1, *volume_shape)`` in ``0..K-1``, and
@@ -180,37 +95,11 @@ def preprocess_case(case: Case, cfg: DataConfig, volume_shape: Sequence[int], la
         fraction).
 
     Raises:
-        BadCaseError: unreadable file, NaN/Inf, image/label shape mismatch, empty label, unknown label values.
+        BadCaseError: unreadable file, NaN/Inf, image/label on different voxel grids (shape or affine), non-integer
+            label values, empty label, label values not in ``label_values``, a constant image channel.
     """
-    transform = transform or _transforms(cfg)
-    try:
-        channels = []
-        label = None
-        spacing: list[float] = []
-        for img_path in case.images:
-            d = transform({"image": img_path, "label": case.label})
-            channels.append(np.asarray(d["image"], dtype=np.float32))
-            label = np.asarray(d["label"])
-            pixdim = getattr(d["image"], "pixdim", None)  # MetaTensor voxel size (mm)
-            spacing = [float(v) for v in pixdim[:3]] if pixdim is not None else []
-    except Exception as e:
-        raise BadCaseError(f"case {case.name!r}: cannot read {case.images} / {case.label}: {e}") from e
-    for path, arr in (*zip(case.images, channels), (case.label, label)):
-        if arr.ndim != 4 or arr.shape[0] != 1:  # channel-first: one 3D volume per file is (1, H, W, D)
-            raise BadCaseError(
-                f"case {case.name!r}: {path} loads as an array of shape {arr.shape} (channel first); duodiff needs "
-                "one 3D volume per file. Store each image channel as its own file (nnU-Net _0000, _0001, ...)."
-            )
-    image = np.concatenate(channels)
-    if image.shape[1:] != label.shape[1:]:
-        raise BadCaseError(
-            f"case {case.name!r}: image shape {image.shape[1:]} != label shape {label.shape[1:]}. Fix or remove it."
-        )
-    if not np.isfinite(image).all():
-        raise BadCaseError(f"case {case.name!r}: the image contains NaN or Inf values.")
-    if not np.isfinite(label).all() or np.any(label != np.round(label)):
-        raise BadCaseError(f"case {case.name!r}: the label contains non-integer values.")
-    label = label.astype(np.int64)
+    pair = read_case(case, target_spacing=cfg.target_spacing or None)
+    label = pair.label
     present = set(np.unique(label).tolist())
     unknown = sorted(present - set(label_values))
     if unknown:
@@ -223,17 +112,10 @@ def preprocess_case(case: Case, cfg: DataConfig, volume_shape: Sequence[int], la
     label = lut[label]
     if not np.any(label > 0):
         raise BadCaseError(f"case {case.name!r}: the label is empty (background only).")
-    lo_p, hi_p = cfg.intensity_percentiles
-    for c in range(image.shape[0]):
-        lo, hi = np.percentile(image[c], [lo_p, hi_p])
-        if hi <= lo:
-            raise BadCaseError(f"case {case.name!r}: channel {c} is constant; cannot normalise it.")
-        image[c] = np.clip((image[c] - lo) / (hi - lo), 0.0, 1.0)
+    image = normalise_intensity(pair.image, cfg.intensity_percentiles, case.name)
     orig_shape = tuple(int(s) for s in label.shape[1:])
     image, label, lost = crop_or_pad(image, label, volume_shape)
-    facts = {"shape": orig_shape, "lost_foreground": lost}
-    if spacing:
-        facts["spacing"] = spacing
+    facts = {"shape": orig_shape, "lost_foreground": lost, "spacing": list(pair.spacing)}
     return image.astype(np.float32), label.astype(np.uint8), facts
 
 
@@ -245,6 +127,7 @@ def load_split_cases(
     num_classes: int,
     *,
     target_spacing: Sequence[float] = (),
+    intensity_percentiles: Sequence[float] | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The cases of one subset of a split, preprocessed exactly as training does (for benchmarks).
@@ -255,6 +138,8 @@ def load_split_cases(
         volume_shape: ``(H, W, D)`` of the model, the crop/pad target.
         num_classes: labels must be ids ``0..num_classes-1``.
         target_spacing: resample to this voxel size (mm) first, as a run with ``[data].target_spacing`` did.
+        intensity_percentiles: the model's recorded ``intensity_percentiles`` (``pipe.config``); ``None``: the
+            default (0.5, 99.5) that models saved before duodiff recorded them were trained with.
 
     Returns:
         images float32 ``(N, C, H, W, D)`` in [0, 1], labels uint8 ``(N, 1, H, W, D)`` in ``0..K-1`` and the
@@ -271,7 +156,9 @@ def load_split_cases(
     missing = [n for n in names if n not in by_name]
     if missing:
         raise FileNotFoundError(f"Split {str(split_file)!r} names cases not in {str(data_root)!r}: {missing[:5]}.")
-    cfg = DataConfig(root=str(data_root), target_spacing=tuple(float(v) for v in target_spacing))
+    percentiles = DEFAULT_INTENSITY_PERCENTILES if intensity_percentiles is None else intensity_percentiles
+    cfg = DataConfig(root=str(data_root), target_spacing=tuple(float(v) for v in target_spacing),
+                     intensity_percentiles=tuple(float(p) for p in percentiles))
     values = list(range(num_classes))
     images, labels = [], []
     todo = names
@@ -310,11 +197,10 @@ class PreparedData:
 def _load_arrays(cases: list[Case], cfg: DataConfig, shape, label_values, progress: bool):
     from tqdm.auto import tqdm
 
-    transform = _transforms(cfg)
     images, labels, names, facts, skipped = [], [], [], {}, {}
     for case in tqdm(cases, desc="preprocessing", disable=not progress, leave=False):
         try:
-            img, lab, info = preprocess_case(case, cfg, shape, label_values, transform)
+            img, lab, info = preprocess_case(case, cfg, shape, label_values)
         except BadCaseError as e:
             if cfg.on_bad_case == "fail":
                 raise BadCaseError(f"{e} (set [data].on_bad_case = 'skip' to skip bad cases with a report)") from e
@@ -340,15 +226,14 @@ def prepare_dataset(
     Returns:
         the prepared arrays and the original label values (index = new id).
     """
-    cases = find_cases(cfg.root or None, cfg.datalist or None)
+    cases = cases_from_datalist(cfg.datalist) if cfg.datalist else find_cases(cfg.root)
     label_values = list(cfg.label_values)
     if not label_values:
-        meta = Path(cfg.root) / "dataset.json" if cfg.root else None
-        if meta is not None and meta.is_file():
-            labels_meta = json.loads(meta.read_text()).get("labels", {})
-            label_values = sorted(int(k) if str(k).isdigit() else int(v) for k, v in labels_meta.items())
+        labels = read_dataset_labels(cfg.root) if cfg.root else None
+        label_values = sorted(labels or ())
         if not label_values:
-            raise ValueError("Cannot infer label values: set [data].label_values (e.g. [0, 1, 2]).")
+            raise ValueError("Cannot infer label values: no dataset.json with 'labels' in the data folder; set "
+                             "[data].label_values (e.g. [0, 1, 2]).")
     by_name = {c.name: c for c in cases}
     if cfg.split:
         split = read_split(cfg.split)
@@ -361,7 +246,7 @@ def prepare_dataset(
         train_cases, val_cases = cases, []
     key = hashlib.sha256(json.dumps({
         "cfg": cfg.to_dict() | {"cache_dir": ""}, "shape": list(volume_shape), "values": label_values,
-        "train": [c.name for c in train_cases], "val": [c.name for c in val_cases], "v": 1,
+        "train": [c.name for c in train_cases], "val": [c.name for c in val_cases], "v": 2,
     }, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"prepared-{key}.npz"
     if cache.is_file():

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .. import keys
 from ..attributes import compute_attributes, standardise
+from ..data.folders import dataset_label_names
 from ..pipeline import DuoDiffusion
 from ..presets import make_config
 from .config import STAGES, TrainConfig, load_train_config
@@ -80,33 +81,37 @@ class Trainer:
         return self._data
 
     def _label_names(self) -> tuple[str, ...]:
+        """``[model].label_names``, else the dataset.json names of the label values (never invented ones)."""
         if self.cfg.model.label_names:
             return tuple(self.cfg.model.label_names)
-        meta = Path(self.cfg.data.root) / "dataset.json" if self.cfg.data.root else None
-        if meta is not None and meta.is_file():
-            labels = json.loads(meta.read_text()).get("labels", {})
-            by_value = {}
-            for k, v in labels.items():
-                if str(k).isdigit():
-                    by_value[int(k)] = str(v)
-                else:
-                    by_value[int(v)] = str(k)
-            names = tuple(by_value.get(v, f"class_{v}") for v in self.label_values)
-            if names:
-                return names
+        if self.cfg.data.root:
+            return dataset_label_names(self.cfg.data.root, self.label_values) or ()
         return ()
 
     def load_pipeline(self) -> DuoDiffusion:
         """The run's pipeline: the saved one, or a fresh preset (weights seeded by ``seed``)."""
         if (self.model_dir / keys.MODEL_INDEX).is_file():
-            return DuoDiffusion.from_pretrained(self.model_dir)
+            return self._record_preprocessing(DuoDiffusion.from_pretrained(self.model_dir))
         data = self.data
         m = self.cfg.model
-        return DuoDiffusion.from_preset(
+        pipe = DuoDiffusion.from_preset(
             m.preset, num_classes=len(self.label_values), volume_shape=tuple(data.images.shape[2:]),
             spacing=self._spacing(), label_names=self._label_names() or None, image_channels=int(data.images.shape[1]),
             prediction_type=m.prediction_type, attributes=m.attributes, init_seed=self.cfg.seed,
         )
+        return self._record_preprocessing(pipe)
+
+    def _record_preprocessing(self, pipe: DuoDiffusion) -> DuoDiffusion:
+        """``pipe`` with ``[data].intensity_percentiles`` recorded in its config (what evaluate reads back)."""
+        wanted = tuple(float(p) for p in self.cfg.data.intensity_percentiles)
+        got = pipe.config.intensity_percentiles
+        if got is not None and tuple(got) != wanted:
+            raise ValueError(
+                f"The model in {str(self.model_dir)!r} was trained on images normalised with intensity percentiles "
+                f"{tuple(got)}, but [data].intensity_percentiles is {wanted}. Use the same value, or train into a "
+                "new output_dir."
+            )
+        return DuoDiffusion(pipe.config.replace(intensity_percentiles=wanted), pipe.components())
 
     def _spacing(self) -> tuple[float, float, float]:
         """Voxel spacing (mm) of the training volumes: ``[data].target_spacing``, else the median over the cases."""
