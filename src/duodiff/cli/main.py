@@ -1,12 +1,16 @@
 """``duodiff`` entry point: argument parsing, sub-command dispatch and error reporting.
 
-Bad input exits with code 2 and one line saying what is wrong and how to fix it; ``--debug`` shows
-the traceback instead.
+Exit codes: ``0`` success; ``2`` a user error (bad arguments or values, duodiff's typed errors such as
+``ConfigError``, a file or folder the user named that is missing or unusable), reported in one line saying
+what is wrong and how to fix it; ``1`` anything else, i.e. an internal error (a bug in duodiff or a
+dependency, running out of memory), reported in one line that names the exception and says to rerun with
+``--debug``; ``130`` interrupted. ``--debug`` (anywhere on the line) shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 import typing
@@ -26,10 +30,45 @@ COMMANDS = {
     "bench": "bench",
 }
 
-#: Exceptions that mean "the user gave bad input": reported in one line with exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, FileExistsError,
-                                                 PermissionError, NotADirectoryError, IsADirectoryError, KeyError,
-                                                 OSError, ImportError)
+#: Exceptions that mean "the user gave bad input": reported in one line with exit code 2. ``ValueError`` covers
+#: duodiff's typed errors (``ConfigError``, ``ModelLoadError``, ``BadCaseError``, ``NonFiniteError``) and every
+#: validation of arguments and files. ``TypeError``, ``KeyError``, ``ImportError``, other ``OSError`` s, ... are
+#: internal errors (exit code 1): the CLI passes well-typed values, so they mean a bug.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
+                                                 NotADirectoryError, IsADirectoryError)
+#: ``OSError`` s that are about a path the user named (also when re-raised with a clearer message).
+_PATH_ERRORS = USER_ERRORS[1:]
+#: ``OSError`` numbers the user fixes by choosing another place or freeing space (read-only, full, too long).
+_USER_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the user's to fix (exit code 2) rather than an internal error (exit code 1).
+
+    User errors: :data:`USER_ERRORS`; an ``OSError`` that duodiff re-raised with a clearer message from a path
+    error (``raise OSError("Cannot create ... choose a writable --out") from PermissionError``); a read-only or
+    full disk or a too-long name (also when re-raised); a missing
+    optional third-party package (``ModuleNotFoundError`` for a module outside duodiff, or duodiff's
+    ``ImportError`` with a ``pip install`` hint).
+    """
+    if isinstance(exc, USER_ERRORS):
+        return True
+    if isinstance(exc, OSError):
+        cause = exc.__cause__
+        return isinstance(cause, _PATH_ERRORS) or exc.errno in _USER_ERRNOS or (
+            isinstance(cause, OSError) and cause.errno in _USER_ERRNOS)
+    if isinstance(exc, ImportError):
+        if "pip install" in str(exc):  # duodiff's own "X needs Y: pip install 'duodiff[extra]'"
+            return True
+        missing = exc if isinstance(exc, ModuleNotFoundError) else exc.__cause__
+        name = getattr(missing, "name", None) if isinstance(missing, ModuleNotFoundError) else None
+        return bool(name) and name.split(".")[0] != "duodiff"
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return msg.strip("'\"") if isinstance(exc, KeyError) else msg
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"duodiff {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback on errors (accepted anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in COMMANDS.values():
@@ -67,14 +107,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("duodiff: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
+    except Exception as e:
         if args.debug:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, KeyError):
-            msg = msg.strip("'\"")
-        print(f"duodiff {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        msg = _first_line(e)
+        if is_user_error(e):
+            print(f"duodiff {args.command}: error: {msg or type(e).__name__}", file=sys.stderr)
+            return 2
+        print(f"duodiff {args.command}: internal error: {type(e).__name__}{': ' + msg if msg else ''} "
+              f"(rerun with --debug to see the traceback; if it is a bug, please report it with that)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
