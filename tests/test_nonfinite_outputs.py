@@ -107,3 +107,17 @@ def test_write_nifti_keeps_writing_what_it_is_given(tmp_path):
     """The low-level writer stays usable for making broken test files; the checks live in the writers above it."""
     path = write_nifti(tmp_path / "x.nii.gz", np.full((2, 2, 2), np.nan, np.float32), spacing_affine((1, 1, 1)))
     assert path.exists()
+
+
+def test_cli_float16_overflow_is_one_line_and_writes_nothing(overflowing, tmp_path, capsys):
+    from duodiff.cli.main import main
+
+    model = tmp_path / "model"
+    overflowing.save_pretrained(model)
+    out = tmp_path / "out"
+    code = main(["sample", "-m", str(model), "-n", "2", "--out", str(out), "--steps", "2", "--no-progress",
+                 "--dtype", "float16"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "dtype=float16" in err and "bfloat16" in err
+    assert not any(out.rglob("*.nii.gz"))
