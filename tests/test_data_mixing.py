@@ -360,3 +360,149 @@ def test_mix_loaders_argument_errors():
         mix_loaders(real, Dicts(3), synthetic_fraction=0.5, schedule="cosine", final_synthetic_fraction=0.1)
     with pytest.raises(TypeError, match="keys must be a non-empty sequence"):
         mix_loaders(real, Dicts(3), synthetic_fraction=0.5, keys="image")
+
+
+# ============================================================================================ per-sample metadata
+#: A real scan's geometry (MONAI LoadImaged gives LAS, 1.25 x 1.25 x 7.7 mm) unlike the model's affine.
+REAL_AFFINE = torch.diag(torch.tensor([-1.25, 1.25, 7.7, 1.0], dtype=torch.float64))
+
+
+class RealScans(Dataset):
+    """Stand-in for a MONAI real dataset: marked MetaTensor pairs with their own (anisotropic LAS) affine."""
+
+    def __init__(self, n=4, shape=(16, 16, 16)):
+        self.n, self.shape = n, shape
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        from duodiff.data import mark_real
+
+        aff = REAL_AFFINE.clone()
+        aff[0, 3] = float(i)  # each scan its own origin
+        return mark_real({"image": MetaTensor(torch.full((1, *self.shape), i / 10), affine=aff),
+                          "label": MetaTensor(torch.zeros((1, *self.shape), dtype=torch.int64), affine=aff.clone())})
+
+
+def _expected_affine(is_synthetic: bool, index: int, synthetic_affine: torch.Tensor) -> torch.Tensor:
+    if is_synthetic:
+        return synthetic_affine
+    aff = REAL_AFFINE.clone()
+    aff[0, 3] = float(index)
+    return aff
+
+
+def _check_one_affine_per_sample(batch, synthetic_affine) -> tuple[int, int]:
+    """Every sample of the batch keeps its own affine, also after ``decollate_batch``; returns (real, synthetic)."""
+    from monai.data import decollate_batch
+
+    n = len(batch["is_synthetic"])
+    for key in ("image", "label"):
+        assert isinstance(batch[key], MetaTensor) and batch[key].is_batch, key
+        assert tuple(batch[key].affine.shape) == (n, 4, 4), key
+    counts = [0, 0]
+    for item in decollate_batch(batch):
+        syn = bool(item["is_synthetic"])
+        counts[syn] += 1
+        index = -1 if syn else round(float(item["image"].as_tensor().flatten()[0]) * 10)
+        want = _expected_affine(syn, index, synthetic_affine)
+        for key in ("image", "label"):
+            assert torch.allclose(item[key].affine.to(torch.float64), want), (key, syn, item[key].affine)
+    return counts[0], counts[1]
+
+
+@pytest.fixture(scope="module")
+def synthetic_pairs(tiny_pipe):
+    from duodiff import SyntheticPairDataset
+
+    ds = SyntheticPairDataset(tiny_pipe, num_samples=4, num_inference_steps=2)
+    affine = ds[0]["image"].affine.to(torch.float64)
+    assert not torch.allclose(affine, REAL_AFFINE)  # the test needs two geometries
+    return ds, affine
+
+
+@pytest.mark.parametrize("loader_kind", ["torch", "monai", "torch-spawn"])
+def test_mixed_batch_sampler_keeps_one_affine_per_sample(synthetic_pairs, loader_kind):
+    """case05: ConcatDataset + MixedBatchSampler with a plain torch DataLoader (default collate), a MONAI
+    DataLoader, and spawned workers (a fresh process that only imported duodiff by unpickling the dataset)."""
+    import monai.data
+
+    syn, syn_affine = synthetic_pairs
+    data = ConcatDataset([RealScans(4), syn])
+    sampler = MixedBatchSampler(data, batch_size=2, synthetic_fraction=0.5, seed=0)
+    if loader_kind == "monai":
+        loader = monai.data.DataLoader(data, batch_sampler=sampler, num_workers=2, timeout=300)
+    elif loader_kind == "torch":
+        loader = DataLoader(data, batch_sampler=sampler, num_workers=2, timeout=300)
+    else:
+        loader = DataLoader(data, batch_sampler=sampler, num_workers=1, timeout=300, multiprocessing_context="spawn")
+    totals = [_check_one_affine_per_sample(batch, syn_affine) for batch in loader]
+    assert totals == [(1, 1)] * 4
+
+
+def test_plain_torch_dataloader_keeps_affines_in_a_fresh_process(tmp_path):
+    """case05 exactly, in a new interpreter where MONAI's list_data_collate never ran: importing duodiff is enough."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from torch.utils.data import ConcatDataset, DataLoader
+        from torch.utils.data._utils.collate import default_collate_fn_map
+        from monai.data import MetaTensor, decollate_batch
+        assert MetaTensor not in default_collate_fn_map
+        from duodiff import MixedBatchSampler, SyntheticPairDataset
+        from duodiff.testing import tiny_pipeline
+        aff = torch.diag(torch.tensor([-1.25, 1.25, 7.7, 1.0], dtype=torch.float64))
+        real = [{"image": MetaTensor(torch.rand(1, 16, 16, 16), affine=aff), "is_synthetic": False, "seed": -1}]
+        syn = SyntheticPairDataset(tiny_pipeline(), num_samples=2, num_inference_steps=2,
+                                   transform=lambda d: {k: d[k] for k in ("image", "is_synthetic", "seed")})
+        data = ConcatDataset([real, syn])
+        sampler = MixedBatchSampler(data, batch_size=2, synthetic_fraction=0.5)
+        batch = next(iter(DataLoader(data, batch_sampler=sampler)))
+        print(tuple(batch["image"].affine.shape), [round(float(i["image"].affine[2, 2]), 3)
+                                                   for i in decollate_batch(batch)])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "(2, 4, 4) [7.7, 1.0]"
+
+
+@pytest.mark.parametrize(("source", "real_kind"), [("map", "torch"), ("stream", "torch"), ("loader", "torch"),
+                                                    ("stream", "monai")])
+def test_mix_loaders_keeps_one_affine_per_sample(synthetic_pairs, tiny_pipe, source, real_kind):
+    """mix_loaders around a torch DataLoader (workers, default collate) or a MONAI one (the example's way) with a
+    map-style dataset, a stream or a synthetic DataLoader: samples of different geometry each keep their affine."""
+    import monai.data
+
+    from duodiff import SyntheticPairDataset
+
+    syn, syn_affine = synthetic_pairs
+    if source == "stream":
+        syn = SyntheticPairDataset(tiny_pipe, num_samples=None, num_inference_steps=2, generation_batch_size=1,
+                                   pool_size=1)
+    elif source == "loader":
+        syn = DataLoader(syn, batch_size=2, num_workers=1, timeout=300)
+    loader_cls = monai.data.DataLoader if real_kind == "monai" else DataLoader
+    real = loader_cls(RealScans(4), batch_size=3, num_workers=2, timeout=300)
+    with mix_loaders(real, syn, synthetic_fraction=0.25) as mixed:
+        totals = [_check_one_affine_per_sample(batch, syn_affine) for batch in mixed]
+    assert totals == [(3, 1), (1, 0)]
+
+
+def test_mix_loaders_splits_a_batch_stacked_without_monai_collate():
+    """A batch stacked with torch.stack (one MetaTensor, one affine, not a MONAI batch) gives that affine to each
+    of its samples; the merged batch still has one affine per sample."""
+    def stacked(scale):
+        def collate(items):
+            return {"image": torch.stack([MetaTensor(torch.full((1, 2, 2), float(i)), affine=torch.eye(4) * scale)
+                                          for i in items])}
+        return collate
+
+    real = DataLoader(list(range(3)), batch_size=3, collate_fn=stacked(2.0))
+    syn = DataLoader(list(range(4)), batch_size=2, collate_fn=stacked(5.0))
+    image = next(iter(mix_loaders(real, syn, synthetic_fraction=0.25)))["image"]
+    assert image.is_batch and image.affine.shape == (4, 4, 4)
+    assert image.affine[:, 0, 0].tolist() == [2.0, 2.0, 2.0, 5.0]

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .mixing import SCHEDULES, FractionSchedule, MixedBatchSampler, MixedLoader, mark_real, mix_loaders, round_half_up
+from .mixing import (
+    SCHEDULES,
+    FractionSchedule,
+    MixedBatchSampler,
+    MixedLoader,
+    mark_real,
+    mix_loaders,
+    register_meta_tensor_collate,
+    round_half_up,
+)
 from .synthetic import StreamingSyntheticPairDataset, SyntheticPairDataset
 
 __all__ = [
@@ -12,6 +21,7 @@ __all__ = [
     "MixedLoader",
     "mix_loaders",
     "mark_real",
+    "register_meta_tensor_collate",
     "FractionSchedule",
     "SCHEDULES",
     "round_half_up",

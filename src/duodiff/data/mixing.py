@@ -29,10 +29,34 @@ __all__ = [
     "MixedLoader",
     "mix_loaders",
     "mark_real",
+    "register_meta_tensor_collate",
 ]
 
 SCHEDULES = ("constant", "linear", "cosine")
 _UNITS = ("epoch", "step")
+
+
+def register_meta_tensor_collate() -> None:
+    """Make ``torch.utils.data.default_collate`` batch MONAI ``MetaTensor`` objects with one affine per sample.
+
+    Torch's default collate stacks ``MetaTensor`` objects with ``torch.stack``, which keeps the *first* item's
+    metadata for the whole batch: a batch of real and synthetic samples gets one affine (``(4, 4)``), and
+    ``monai.data.decollate_batch`` then hands each sample a row of it. MONAI only registers its own
+    ``MetaTensor`` collate (per-sample metadata, affine ``(B, 4, 4)``) once ``list_data_collate`` has run
+    somewhere in the process, so the result depended on what ran before. Importing duodiff registers MONAI's
+    function (the one ``monai.data.DataLoader`` uses) in torch's default collate map, in the main process and in
+    every DataLoader worker that unpickles a duodiff dataset, so ``torch.utils.data.DataLoader``,
+    ``monai.data.DataLoader`` and :func:`mix_loaders` batch ``MetaTensor`` objects the same way. A collate function
+    registered for ``MetaTensor`` before is kept.
+    """
+    from monai.data.meta_tensor import MetaTensor
+    from monai.data.utils import collate_meta_tensor_fn
+    from torch.utils.data._utils.collate import default_collate_fn_map
+
+    default_collate_fn_map.setdefault(MetaTensor, collate_meta_tensor_fn)
+
+
+register_meta_tensor_collate()
 
 
 def round_half_up(x: float) -> int:
@@ -439,13 +463,14 @@ def _cat_tensors(parts: Sequence[torch.Tensor], path: str) -> torch.Tensor:
             f"{path}: the real batch holds a MetaTensor but the synthetic one a plain tensor; collate both the "
             "same way (e.g. monai.data.DataLoader / list_data_collate for both)."
         )
-    if any(p.is_batch for p in parts):  # keep per-sample metadata (affines) in order
-        from monai.data import decollate_batch
-        from monai.data.utils import collate_meta_tensor
+    # one MetaTensor per sample, in order, then batched again: every sample keeps its own affine. A part
+    # that is not a batch (stacked without MONAI's collate) holds one affine for all its samples.
+    from monai.data import decollate_batch
+    from monai.data.utils import collate_meta_tensor
 
-        items = [item for p in parts for item in decollate_batch(p, detach=False)]
-        return collate_meta_tensor(items)
-    return torch.cat(parts)
+    items = [item for p in parts for item in (decollate_batch(p, detach=False) if p.is_batch
+                                               else [p[i] for i in range(p.shape[0])])]
+    return collate_meta_tensor(items)
 
 
 def _merge(real: Any, synthetic: Any, path: str) -> Any:
