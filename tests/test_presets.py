@@ -84,3 +84,39 @@ def test_paper_preset_is_close_to_the_ldm_recipe():
     assert cfg.image_autoencoder.channels == (32, 64, 64)
     assert cfg.image_unet.channels == (64, 128, 256)
     assert cfg.image_latent_shape == (3, 40, 40, 16)
+
+
+def test_overrides_change_a_component_and_what_follows_from_it():
+    """A 2x image latent: the image UNet and ControlNet follow its channels, the ControlNet embedding its levels."""
+    cfg = make_config("hippocampus", num_classes=3, overrides={
+        "image_autoencoder": {"channels": [32, 64], "num_res_blocks": [1, 1], "attention_levels": [False, False],
+                              "latent_channels": 4},
+        "image_unet": {"channels": [16, 32, 64, 64], "num_res_blocks": [1, 1, 1, 1],
+                       "attention_levels": [False, False, True, True]},
+    })
+    assert cfg.image_autoencoder.downsample_factor == 2 and cfg.image_latent_shape == (4, 16, 24, 16)
+    assert cfg.image_unet.in_channels == cfg.image_unet.out_channels == 4
+    assert cfg.image_controlnet.channels == (16, 32, 64, 64) and cfg.image_controlnet.in_channels == 4
+    assert len(cfg.image_controlnet.conditioning_embedding_num_channels) == 2
+    assert cfg.label_autoencoder == make_config("hippocampus", num_classes=3).label_autoencoder  # untouched
+    pipe = DuoDiffusion.from_config(cfg.replace(volume_shape=(16, 16, 16)), init_seed=0)
+    x = torch.randn(1, 4, 8, 8, 8)
+    y = torch.zeros(1, 3, 16, 16, 16)
+    down, mid = pipe.image_controlnet(x=x, timesteps=torch.tensor([1]), controlnet_cond=y)
+    out = pipe.image_unet(x=x, timesteps=torch.tensor([1]), down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid)
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"controlnet": {"channels": [8, 16]}}, "Cannot override component 'controlnet'"),
+    ({"image_unet": {"in_channels": 8}}, r"\['in_channels'\] are derived"),
+])
+def test_bad_overrides_are_config_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        make_config("tiny", num_classes=2, overrides=overrides)
+
+
+def test_overrides_are_unchanged_presets_when_empty():
+    for name in PRESETS:
+        assert make_config(name, num_classes=3, overrides={}) == make_config(name, num_classes=3)

@@ -355,3 +355,41 @@ def test_sigkill_train_then_resume_gives_identical_weights(dataset, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert read_losses(tmp_path / "ref" / "run", "label_autoencoder") == read_losses(
         tmp_path / "killed" / "run", "label_autoencoder")
+
+
+def test_model_tables_override_the_preset_and_ssim_loss_trains(tmp_path, dataset):
+    """[model.image_autoencoder] gives a 2x image latent; ssim_weight adds MONAI's SSIMLoss to the image stage."""
+    toml = tmp_path / "train.toml"
+    toml.write_text(textwrap.dedent(f"""
+        output_dir = "out"
+        progress = false
+        [data]
+        root = "{dataset}"
+        [model]
+        preset = "tiny"
+        volume_shape = [16, 16, 16]
+        [model.image_autoencoder]
+        channels = [8]
+        num_res_blocks = [1]
+        attention_levels = [false]
+        latent_channels = 4
+        [stages.image_autoencoder]
+        steps = 3
+        batch_size = 2
+        warmup_steps = 0
+        log_every = 1
+        ssim_weight = 0.5
+    """))
+    cfg = load_train_config(toml)
+    assert cfg.model.overrides == {"image_autoencoder": {"channels": [8], "num_res_blocks": [1],
+                                                         "attention_levels": [False], "latent_channels": 4}}
+    model_dir = train(cfg, stages=["image_autoencoder"])
+    pipe = DuoDiffusion.from_pretrained(model_dir)
+    assert pipe.config.image_latent_shape == (4, 16, 16, 16)
+    assert pipe.config.image_unet.in_channels == 4
+    with open(tmp_path / "out" / "logs" / "image_autoencoder.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(0 < float(r["ssim_loss"]) <= 2 for r in rows)
+    toml.write_text(toml.read_text().replace("latent_channels = 4", "latent_chanels = 4"))
+    with pytest.raises(ValueError, match=r"Unknown key\(s\) \['latent_chanels'\] in \[model.image_autoencoder\]"):
+        load_train_config(toml)

@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .config import (
     AutoencoderConfig,
@@ -18,7 +19,12 @@ from .config import (
     UNetConfig,
 )
 
-__all__ = ["PRESETS", "make_config"]
+__all__ = ["PRESETS", "OVERRIDABLE", "DERIVED_KEYS", "make_config"]
+
+#: Components whose preset settings ``make_config(overrides=...)`` can change; the ControlNet follows ``image_unet``.
+OVERRIDABLE = ("label_autoencoder", "image_autoencoder", "label_unet", "image_unet")
+#: Keys derived from the data or from other components, never overridden.
+DERIVED_KEYS = frozenset({"in_channels", "out_channels", "with_conditioning", "cross_attention_dim"})
 
 PRESETS = ("tiny", "hippocampus", "paper")
 
@@ -35,6 +41,7 @@ def make_config(
     image_channels: int = 1,
     prediction_type: str = "epsilon",
     attributes: Sequence[str] = (),
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> PipelineConfig:
     """Build the :class:`PipelineConfig` of a named preset.
 
@@ -48,6 +55,14 @@ def make_config(
         prediction_type: ``"epsilon"`` or ``"v_prediction"`` for both diffusion UNets.
         attributes: names of label-generation conditions (see :mod:`duodiff.attributes`);
             empty for an unconditional label model.
+        overrides: per component in :data:`OVERRIDABLE`, settings that replace the preset's (any
+            :class:`~duodiff.config.AutoencoderConfig` / :class:`~duodiff.config.UNetConfig` field except the
+            channel counts duodiff derives). The diffusion UNets follow their autoencoder's ``latent_channels``;
+            the ControlNet copies ``image_unet`` and its conditioning embedding gets one level per image-autoencoder
+            level, so it downsamples the label exactly as the autoencoder downsamples the image.
+
+    Raises:
+        ConfigError: unknown preset, component or key, or a derived key in ``overrides``.
     """
     if name not in PRESETS:
         raise ConfigError(f"Unknown preset {name!r}. Choose one of {list(PRESETS)}.")
@@ -80,6 +95,20 @@ def make_config(
                           norm_num_groups=32, num_head_channels=32)
         unet = label_unet
         cond = (16, 32, 64)
+    comps = {"label_autoencoder": dict(label_ae), "image_autoencoder": dict(ae), "label_unet": dict(label_unet),
+             "image_unet": dict(unet)}
+    for comp, changes in (overrides or {}).items():
+        if comp not in OVERRIDABLE:
+            raise ConfigError(f"Cannot override component {comp!r}; choose from {list(OVERRIDABLE)} (the ControlNet "
+                              "follows image_unet).")
+        derived = sorted(set(changes) & DERIVED_KEYS)
+        if derived:
+            raise ConfigError(f"{comp}: {derived} are derived from the data and the other components; remove them.")
+        comps[comp].update(changes)
+    label_ae, ae, label_unet, unet = (comps[k] for k in OVERRIDABLE)
+    # one conditioning-embedding level per image-autoencoder level (the embedding downsamples 2**(levels-1))
+    levels = len(ae["channels"])
+    cond = tuple(cond[min(i, len(cond) - 1)] for i in range(levels))
     cond_dim = 32 if attributes else None
     return PipelineConfig(
         num_classes=n,

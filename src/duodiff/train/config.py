@@ -72,6 +72,9 @@ class ModelConfig(_Config):
         label_names: class names, background first (empty = from ``dataset.json``).
         prediction_type: ``"epsilon"`` or ``"v_prediction"``.
         attributes: label-LDM conditions (e.g. ``["volume"]``) for attribute-conditioned generation.
+        label_autoencoder / image_autoencoder / label_unet / image_unet: tables (``[model.image_autoencoder]``)
+            of settings that replace the preset's for that component, e.g. ``channels = [32, 64]`` and
+            ``latent_channels = 4`` for a 2x-downsampling image latent (see :func:`duodiff.presets.make_config`).
     """
 
     _name: ClassVar[str] = "[model]"
@@ -81,6 +84,30 @@ class ModelConfig(_Config):
     label_names: tuple[str, ...] = ()
     prediction_type: str = "epsilon"
     attributes: tuple[str, ...] = ()
+    label_autoencoder: dict = field(default_factory=dict)
+    image_autoencoder: dict = field(default_factory=dict)
+    label_unet: dict = field(default_factory=dict)
+    image_unet: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        import dataclasses
+
+        from ..config import AutoencoderConfig, UNetConfig
+        from ..presets import DERIVED_KEYS, OVERRIDABLE
+
+        for comp in OVERRIDABLE:
+            cls = AutoencoderConfig if comp.endswith("autoencoder") else UNetConfig
+            allowed = {f.name for f in dataclasses.fields(cls)} - DERIVED_KEYS
+            unknown = sorted(set(getattr(self, comp)) - allowed)
+            if unknown:
+                raise ConfigError(f"Unknown key(s) {unknown} in [model.{comp}]. Allowed keys: {sorted(allowed)}.")
+
+    @property
+    def overrides(self) -> dict[str, dict]:
+        """The component tables that are set, for :func:`duodiff.presets.make_config`."""
+        from ..presets import OVERRIDABLE
+
+        return {k: dict(v) for k in OVERRIDABLE if (v := getattr(self, k))}
 
 
 @dataclass(frozen=True)
@@ -96,6 +123,8 @@ class StageConfig(_Config):
         ema_decay: EMA decay of the diffusion models (0 disables; autoencoders never use EMA).
         kl_weight: KL weight of autoencoders.
         dice_weight: Dice weight of the label autoencoder (with cross-entropy).
+        ssim_weight: image autoencoder: weight of a ``1 - SSIM`` reconstruction loss (MONAI ``SSIMLoss``) added
+            to L1 (0 = L1 only).
         adv_weight: reserved for a patch-adversarial loss (not implemented yet; must be 0).
         checkpoint_every: steps between checkpoints (0 = only at the end).
         log_every: steps between CSV rows.
@@ -115,6 +144,7 @@ class StageConfig(_Config):
     ema_decay: float = 0.999
     kl_weight: float = 1e-6
     dice_weight: float = 1.0
+    ssim_weight: float = 0.0
     adv_weight: float = 0.0
     checkpoint_every: int = 500
     log_every: int = 10
@@ -131,6 +161,8 @@ class StageConfig(_Config):
             raise ConfigError(f"{self._name}.ema_decay must be in [0, 1), got {self.ema_decay}.")
         if self.amp not in ("", "float32", "bfloat16", "float16"):
             raise ConfigError(f"{self._name}.amp must be '', 'float32', 'bfloat16' or 'float16', got {self.amp!r}.")
+        if self.ssim_weight < 0:
+            raise ConfigError(f"{self._name}.ssim_weight must be >= 0, got {self.ssim_weight}.")
         if self.adv_weight != 0:
             raise ConfigError(
                 f"{self._name}.adv_weight={self.adv_weight}: the patch-adversarial loss is not implemented yet; "

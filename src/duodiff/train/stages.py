@@ -1,7 +1,7 @@
 """Loss functions of the five Duo-Diffusion stages.
 
 * ``label_autoencoder``: one-hot labels in; cross-entropy + Dice reconstruction + KL.
-* ``image_autoencoder``: L1 reconstruction + KL.
+* ``image_autoencoder``: L1 reconstruction + KL (+ optional 1 - SSIM).
 * ``label_unet`` / ``image_unet``: denoising (epsilon or v) MSE on cached, scaled latents (DDPM schedule).
 * ``image_controlnet``: initialised from the image UNet, UNet frozen, conditioned on the real one-hot label.
 """
@@ -71,6 +71,7 @@ def autoencoder_loss(
     latent_shape: tuple[int, ...],
     kl_weight: float,
     dice_weight: float,
+    ssim_weight: float = 0.0,
 ):
     """Loss function for an autoencoder stage.
 
@@ -78,8 +79,15 @@ def autoencoder_loss(
         images: float32 ``(N, C, H, W, D)`` in [0, 1] (image stage).
         labels: uint8 ``(N, 1, H, W, D)`` (label stage).
         kind: ``"label"`` or ``"image"``.
+        ssim_weight: image stage: weight of ``1 - SSIM`` (MONAI ``SSIMLoss``, 3D Gaussian window 11, sigma 1.5,
+            data range 1) on the clamped reconstruction, added to L1; favours local structure over L1's blur.
     """
     dice = DiceLoss(softmax=True, include_background=False)
+    ssim = None
+    if kind == "image" and ssim_weight > 0:
+        from monai.losses import SSIMLoss
+
+        ssim = SSIMLoss(spatial_dims=3, data_range=1.0)
 
     def loss_fn(model: nn.Module, ctx: StepContext):
         eps = torch.randn((len(ctx.indices), *latent_shape), generator=ctx.generator).to(ctx.device)
@@ -96,7 +104,13 @@ def autoencoder_loss(
         recon, mu, sigma = model(x, eps)
         l1 = (recon.float() - x).abs().mean()
         kl = kl_loss(mu, sigma)
-        return l1 + kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
+        logs = {"l1": l1.item(), "kl": kl.item()}
+        loss = l1 + kl_weight * kl
+        if ssim is not None:
+            s_loss = ssim(recon.float().clamp(0, 1), x)
+            loss = loss + ssim_weight * s_loss
+            logs["ssim_loss"] = s_loss.item()
+        return loss, logs
 
     return loss_fn
 

@@ -98,6 +98,7 @@ class Trainer:
             m.preset, num_classes=len(self.label_values), volume_shape=tuple(data.images.shape[2:]),
             spacing=self._spacing(), label_names=self._label_names() or None, image_channels=int(data.images.shape[1]),
             prediction_type=m.prediction_type, attributes=m.attributes, init_seed=self.cfg.seed,
+            overrides=m.overrides,
         )
         return self._record_preprocessing(pipe)
 
@@ -190,7 +191,8 @@ class Trainer:
             ae = getattr(pipe, stage)
             latent = pc.label_latent_shape if kind == "label" else pc.image_latent_shape
             loss = autoencoder_loss(data.images, data.labels, kind=kind, num_classes=pc.num_classes,
-                                    latent_shape=latent, kl_weight=scfg.kl_weight, dice_weight=scfg.dice_weight)
+                                    latent_shape=latent, kl_weight=scfg.kl_weight, dice_weight=scfg.dice_weight,
+                                    ssim_weight=scfg.ssim_weight)
             wrapper, finished = run_stage(run_name, AutoencoderStep(ae), loss, scfg, use_ema=False, **common)
             ae = wrapper.autoencoder
             self.trained[stage] = ae
