@@ -37,7 +37,7 @@ from torch.utils.data import ConcatDataset
 
 from duodiff import DuoDiffusion, MixedBatchSampler, SyntheticPairDataset, mix_loaders
 from duodiff.data import mark_real
-from duodiff.export import find_cases
+from duodiff.data.folders import find_cases
 from duodiff.io import write_nifti
 from duodiff.testing import phantom_pair, tiny_pipeline
 

@@ -196,7 +196,7 @@ def test_cli_evaluate_bad_input(tmp_path, capsys):
     real = _write_folder(tmp_path / "real", range(2))
     assert main(["evaluate", "--synthetic", str(tmp_path / "missing"), "--real", str(real),
                  "--out", str(tmp_path / "o")]) == 2
-    assert "imagesTr" in capsys.readouterr().err
+    assert "missing' does not exist" in capsys.readouterr().err
     assert main(["evaluate", "--synthetic", str(real), "--real", str(real), "--out", str(tmp_path / "o")]) == 2
     assert "--normalize-synthetic" in capsys.readouterr().err
     assert main(["evaluate", "--synthetic", str(real), "--real", str(real), "--cases", "nope",

@@ -233,7 +233,7 @@ def test_monai_loop_on_real_hippocampus(tiny_pipe):
         ScaleIntensityd,
     )
 
-    from duodiff.export import find_cases
+    from duodiff.data.folders import find_cases
 
     files = [{"image": str(c.images[0]), "label": str(c.label)} for c in find_cases(HIPPO)[:3]]
     real = Dataset(files, transform=Compose([

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from duodiff import DuoSample
-from duodiff.io import spacing_affine, write_nifti
 from duodiff.data.folders import find_cases
+from duodiff.io import spacing_affine, write_nifti
 from duodiff.preview import plot_pairs, preview_folder
 from duodiff.testing import phantom_pair
 

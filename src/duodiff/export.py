@@ -79,7 +79,14 @@ def _write_case(case: Case, images_dir: Path, labels_dir: Path, num_channels: in
     else:
         for c, src in enumerate(case.images):
             _copy_as_niigz(Path(src), images_dir / f"{case.name}_{c:04d}{NIFTI_SUFFIX}")
-    _copy_as_niigz(Path(case.label), labels_dir / f"{case.name}{NIFTI_SUFFIX}")
+    label_img, image_affine = nib.load(str(case.label)), nib.load(str(case.images[0])).affine
+    if nib.orientations.aff2axcodes(label_img.affine) != nib.orientations.aff2axcodes(image_affine):
+        # same world grid (read_case checked it) but stored in another axis order: nnU-Net needs the image's
+        ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(label_img.affine),
+                                               nib.orientations.io_orientation(image_affine))
+        nib.save(label_img.as_reoriented(ornt), str(labels_dir / f"{case.name}{NIFTI_SUFFIX}"))
+    else:
+        _copy_as_niigz(Path(case.label), labels_dir / f"{case.name}{NIFTI_SUFFIX}")
 
 
 @dataclass
