@@ -1,9 +1,12 @@
 """Image-autoencoder ablation on a fixed split: one lever at a time, validation PSNR / SSIM / L1 over training.
 
 Trains a MONAI ``AutoencoderKL`` (built from a duodiff :class:`~duodiff.config.AutoencoderConfig`, exactly as a
-pipeline builds it) on the *train* cases of a split and measures reconstruction of the *val* cases (posterior
-mean, clamped to [0, 1]) every ``--eval-every`` steps. Losses: L1 + ``kl_weight`` KL (duodiff's image stage),
-optionally + ``ssim_weight`` * (1 - SSIM) (MONAI ``SSIMLoss``). The test cases are never read.
+pipeline builds it) on the *train* cases of a split and measures reconstruction of the *val* cases (duodiff's
+``image_reconstruction``: posterior mean, clamped to [0, 1]; PSNR, SSIM, L1) every ``--eval-every`` steps.
+Losses: L1 + ``kl_weight`` KL (duodiff's image stage),
+optionally + ``ssim_weight`` * (1 - SSIM) (MONAI ``SSIMLoss``), optionally on random patches — the trainer's
+own ``autoencoder_loss``, so a setting found here means the same in
+``[stages.image_autoencoder]``. The test cases are never read.
 
     DUODIFF_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/ae_ablation.py --name 2x_l4 \\
         --channels 32 64 --latent-channels 4 --steps 600 --out benchmarks/results/ae_ablation
@@ -23,44 +26,24 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from duodiff.config import AutoencoderConfig
+from duodiff.metrics import image_reconstruction
 from duodiff.models import build_autoencoder
 from duodiff.train.data import load_split_cases
-from duodiff.train.stages import kl_loss
+from duodiff.train.loop import StepContext
+from duodiff.train.stages import AutoencoderStep, autoencoder_loss
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-volume PSNR (dB, data range 1) of float ``(N, C, H, W, D)`` volumes in [0, 1]: ``(N,)``."""
-    mse = (x - y).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    return 10 * torch.log10(1.0 / mse)
-
-
-@torch.inference_mode()
-def evaluate(ae: torch.nn.Module, images: torch.Tensor, batch_size: int = 4) -> dict[str, float]:
-    """Mean PSNR (dB), SSIM (MONAI ``SSIMMetric``: 3D, Gaussian window 11, sigma 1.5) and L1 of reconstructions.
-
-    Reconstructions decode the posterior mean and are clamped to [0, 1].
-    """
-    from monai.metrics import SSIMMetric
-
-    ae.eval()
-    ssim = SSIMMetric(spatial_dims=3, data_range=1.0, reduction="none")
-    ps, ss, l1 = [], [], []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size]
-        mu, _ = ae.encode(x)
-        rec = ae.decode(mu).float().clamp(0, 1)
-        ps.append(psnr(rec, x))
-        ss.append(ssim(rec, x).flatten())
-        l1.append((rec - x).abs().flatten(1).mean(1))
+def evaluate(ae: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Mean PSNR (dB), SSIM and L1 of the reconstructions (:func:`duodiff.metrics.image_reconstruction`)."""
+    r = image_reconstruction(ae, images, batch_size=4)
     ae.train()
-    return {"psnr": float(torch.cat(ps).mean()), "ssim": float(torch.cat(ss).mean()), "l1": float(torch.cat(l1).mean())}
+    return {"psnr": r["psnr_db"]["mean"], "ssim": r["ssim"]["mean"], "l1": r["l1"]["mean"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--ssim-weight", type=float, default=0.0)
+    p.add_argument("--patch-size", type=int, nargs=3, default=None, help="train on random crops (H W D)")
     p.add_argument("--amp", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -110,12 +94,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(a.seed)  # MONAI layers initialise from the global RNG; forked, so nothing leaks
         ae = build_autoencoder(cfg)
     opt = torch.optim.AdamW(ae.parameters(), lr=a.lr)
-    ssim_loss = None
-    if a.ssim_weight:
-        from monai.losses import SSIMLoss
-
-        ssim_loss = SSIMLoss(spatial_dims=3, data_range=1.0)
+    patch = tuple(a.patch_size) if a.patch_size else None
     latent_shape = (a.latent_channels, *(s // cfg.downsample_factor for s in a.shape))
+    loss_fn = autoencoder_loss(train_x, torch.zeros(0), kind="image", num_classes=2, latent_shape=latent_shape,
+                               kl_weight=a.kl_weight, dice_weight=0.0, ssim_weight=a.ssim_weight, patch_size=patch,
+                               downsample_factor=cfg.downsample_factor)
+    model = AutoencoderStep(ae)
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if a.amp == "bfloat16" else torch.autocast("cpu", enabled=False)
     warmup = max(1, a.steps // 20)
     curve, t0 = [], time.perf_counter()
@@ -126,23 +110,16 @@ def main(argv: list[str] | None = None) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, len(train_x), (a.batch_size,), generator=g)
-        x = train_x[idx]
-        eps = torch.randn((a.batch_size, *latent_shape), generator=g)
         with amp:
-            mu, sigma = ae.encode(x)
-            rec = ae.decode(mu + sigma * eps.to(mu.dtype))
-        rec = rec.float()
-        loss = F.l1_loss(rec, x) + a.kl_weight * kl_loss(mu, sigma)
-        if ssim_loss is not None:
-            loss = loss + a.ssim_weight * ssim_loss(rec.clamp(0, 1), x)
+            loss, _ = loss_fn(model, StepContext(step=step, indices=idx, generator=g, device=torch.device("cpu")))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
         opt.step()
         if step % a.eval_every == 0 or step == a.steps:
             m = evaluate(ae, val_x)
-            curve.append({"step": step, "seconds": round(time.perf_counter() - t0, 1), "train_loss": float(loss),
-                          **{f"val_{k}": round(v, 4) for k, v in m.items()}})
+            curve.append({"step": step, "seconds": round(time.perf_counter() - t0, 1),
+                          "train_loss": float(loss.detach()), **{f"val_{k}": round(v, 4) for k, v in m.items()}})
             bar.set_postfix(psnr=f"{m['psnr']:.2f}", ssim=f"{m['ssim']:.3f}")
             print(json.dumps(curve[-1]), flush=True)
     seconds = time.perf_counter() - t0
@@ -156,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         "compression": round(train_x[0].numel() / math.prod(latent_shape), 2),
         "params": sum(p.numel() for p in ae.parameters()),
         "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "kl_weight": a.kl_weight,
-        "ssim_weight": a.ssim_weight, "amp": a.amp, "seed": a.seed,
+        "ssim_weight": a.ssim_weight, "patch_size": list(patch) if patch else None, "amp": a.amp, "seed": a.seed,
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "seconds": round(seconds, 1), "final_val": curve[-1], "curve": curve,
         "split": Path(a.split).name, "val_cases": len(val_x),

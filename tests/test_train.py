@@ -393,3 +393,37 @@ def test_model_tables_override_the_preset_and_ssim_loss_trains(tmp_path, dataset
     toml.write_text(toml.read_text().replace("latent_channels = 4", "latent_chanels = 4"))
     with pytest.raises(ValueError, match=r"Unknown key\(s\) \['latent_chanels'\] in \[model.image_autoencoder\]"):
         load_train_config(toml)
+
+
+def test_random_patches_crop_every_tensor_alike_and_reproducibly():
+    from duodiff.train.stages import random_patches
+
+    x = torch.arange(2 * 8 * 10 * 12, dtype=torch.float32).reshape(2, 1, 8, 10, 12)
+    y = x.clone().to(torch.uint8)
+    a, b = random_patches((x, y), (4, 4, 8), torch.Generator().manual_seed(0))
+    assert a.shape == (2, 1, 4, 4, 8) and torch.equal(a.to(torch.uint8), b)
+    for i in range(2):  # each patch is a contiguous block of its own sample
+        first = int(a[i, 0, 0, 0, 0])
+        h, rest = divmod(first - i * 960, 120)
+        w, d = divmod(rest, 12)
+        assert torch.equal(a[i], x[i, :, h:h + 4, w:w + 4, d:d + 8])
+    again, _ = random_patches((x, y), (4, 4, 8), torch.Generator().manual_seed(0))
+    assert torch.equal(a, again)
+    assert random_patches((x,), None, torch.Generator())[0] is x
+
+
+def test_autoencoder_patch_training_and_its_checks(tmp_path, dataset):
+    cfg = make_config(tmp_path, dataset, steps=2)
+    stages = {s: v.to_dict() for s, v in cfg.stages.items()}
+    stages["image_autoencoder"]["patch_size"] = [8, 8, 8]
+    stages["label_autoencoder"]["patch_size"] = [8, 8, 8]
+    good = TrainConfig.from_dict({**cfg.to_dict(), "stages": stages})
+    model_dir = train(good, stages=["label_autoencoder", "image_autoencoder"])
+    assert DuoDiffusion.from_pretrained(model_dir).config.volume_shape == SHAPE  # whole volumes afterwards
+    assert len(read_losses(tmp_path / "run", "image_autoencoder")) == 2
+    stages["image_autoencoder"]["patch_size"] = [7, 8, 8]  # tiny preset: 2x downsampling
+    bad = TrainConfig.from_dict({**cfg.to_dict(), "stages": stages, "output_dir": str(tmp_path / "bad")})
+    with pytest.raises(ValueError, match=r"patch_size \[7, 8, 8\] must fit .* divisible by the autoencoder's"):
+        train(bad, stages=["image_autoencoder"])
+    with pytest.raises(ValueError, match="patch_size must be 3 positive sides"):
+        TrainConfig.from_dict({**cfg.to_dict(), "stages": {"image_autoencoder": {"patch_size": [8, 8]}}})

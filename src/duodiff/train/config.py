@@ -125,6 +125,9 @@ class StageConfig(_Config):
         dice_weight: Dice weight of the label autoencoder (with cross-entropy).
         ssim_weight: image autoencoder: weight of a ``1 - SSIM`` reconstruction loss (MONAI ``SSIMLoss``) added
             to L1 (0 = L1 only).
+        patch_size: autoencoder stages: train on one random ``(H, W, D)`` crop per sample (sides multiples of the
+            autoencoder's downsampling) instead of whole volumes; empty = whole volumes. Cheaper steps, the same
+            whole-volume reconstruction (autoencoders are convolutional).
         adv_weight: reserved for a patch-adversarial loss (not implemented yet; must be 0).
         checkpoint_every: steps between checkpoints (0 = only at the end).
         log_every: steps between CSV rows.
@@ -145,6 +148,7 @@ class StageConfig(_Config):
     kl_weight: float = 1e-6
     dice_weight: float = 1.0
     ssim_weight: float = 0.0
+    patch_size: tuple[int, ...] = ()
     adv_weight: float = 0.0
     checkpoint_every: int = 500
     log_every: int = 10
@@ -161,6 +165,9 @@ class StageConfig(_Config):
             raise ConfigError(f"{self._name}.ema_decay must be in [0, 1), got {self.ema_decay}.")
         if self.amp not in ("", "float32", "bfloat16", "float16"):
             raise ConfigError(f"{self._name}.amp must be '', 'float32', 'bfloat16' or 'float16', got {self.amp!r}.")
+        if self.patch_size and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
+            raise ConfigError(f"{self._name}.patch_size must be 3 positive sides (H, W, D) or empty, got "
+                              f"{self.patch_size}.")
         if self.ssim_weight < 0:
             raise ConfigError(f"{self._name}.ssim_weight must be >= 0, got {self.ssim_weight}.")
         if self.adv_weight != 0:

@@ -17,7 +17,8 @@ from ..attributes import make_context
 from ..schedulers import make_scheduler
 from .loop import StepContext
 
-__all__ = ["AutoencoderStep", "ControlledUNet", "autoencoder_loss", "diffusion_loss", "kl_loss", "encode_latents"]
+__all__ = ["random_patches", "AutoencoderStep", "ControlledUNet", "autoencoder_loss", "diffusion_loss", "kl_loss",
+           "encode_latents"]
 
 
 class AutoencoderStep(nn.Module):
@@ -55,6 +56,29 @@ class ControlledUNet(nn.Module):
         return self
 
 
+def random_patches(volumes: tuple[torch.Tensor, ...], size: tuple[int, ...] | None,
+                   generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """The same random ``size`` crop of each sample of every tensor in ``volumes`` (``(N, C, H, W, D)`` each).
+
+    One offset per sample, drawn from ``generator`` (uniform over every position where the crop fits); with
+    ``size=None`` the volumes are returned unchanged. Autoencoders are convolutional, so training on patches
+    (as MAISI trains its VAE) costs ``prod(size) / prod(H, W, D)`` of a whole-volume step and still
+    reconstructs whole volumes.
+    """
+    if size is None:
+        return volumes
+    spatial = volumes[0].shape[2:]
+    n = volumes[0].shape[0]
+    starts = [torch.randint(0, s - p + 1, (n,), generator=generator) for s, p in zip(spatial, size)]
+    out = []
+    for v in volumes:
+        out.append(torch.stack([
+            v[i, :, starts[0][i]:starts[0][i] + size[0], starts[1][i]:starts[1][i] + size[1],
+              starts[2][i]:starts[2][i] + size[2]] for i in range(n)
+        ]))
+    return tuple(out)
+
+
 def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma) || N(0, 1)) summed over latent voxels, averaged over the batch."""
     mu, sigma = mu.float(), sigma.float()
@@ -72,6 +96,8 @@ def autoencoder_loss(
     kl_weight: float,
     dice_weight: float,
     ssim_weight: float = 0.0,
+    patch_size: tuple[int, int, int] | None = None,
+    downsample_factor: int = 1,
 ):
     """Loss function for an autoencoder stage.
 
@@ -81,7 +107,13 @@ def autoencoder_loss(
         kind: ``"label"`` or ``"image"``.
         ssim_weight: image stage: weight of ``1 - SSIM`` (MONAI ``SSIMLoss``, 3D Gaussian window 11, sigma 1.5,
             data range 1) on the clamped reconstruction, added to L1; favours local structure over L1's blur.
+        patch_size: train on one random crop of this size per sample (:func:`random_patches`); ``None`` = whole
+            volumes. Sides must be multiples of ``downsample_factor`` (the autoencoder's).
+        latent_shape: ``(C, h, w, d)`` of a whole volume's latent (the patch latent is derived from it).
     """
+    if patch_size is not None:
+        patch_size = tuple(int(p) for p in patch_size)
+        latent_shape = (latent_shape[0], *(p // downsample_factor for p in patch_size))
     dice = DiceLoss(softmax=True, include_background=False)
     ssim = None
     if kind == "image" and ssim_weight > 0:
@@ -92,7 +124,8 @@ def autoencoder_loss(
     def loss_fn(model: nn.Module, ctx: StepContext):
         eps = torch.randn((len(ctx.indices), *latent_shape), generator=ctx.generator).to(ctx.device)
         if kind == "label":
-            lab = labels[ctx.indices].to(ctx.device).long()
+            (lab,) = random_patches((labels[ctx.indices],), patch_size, ctx.generator)
+            lab = lab.to(ctx.device).long()
             x = F.one_hot(lab[:, 0], num_classes).movedim(-1, 1).float()
             recon, mu, sigma = model(x, eps)
             recon = recon.float()
@@ -100,7 +133,8 @@ def autoencoder_loss(
             dl = dice(recon, x)
             kl = kl_loss(mu, sigma)
             return ce + dice_weight * dl + kl_weight * kl, {"ce": ce.item(), "dice": dl.item(), "kl": kl.item()}
-        x = images[ctx.indices].to(ctx.device)
+        (x,) = random_patches((images[ctx.indices],), patch_size, ctx.generator)
+        x = x.to(ctx.device)
         recon, mu, sigma = model(x, eps)
         l1 = (recon.float() - x).abs().mean()
         kl = kl_loss(mu, sigma)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .. import keys
 from ..attributes import compute_attributes, standardise
+from ..config import ConfigError
 from ..data.folders import dataset_label_names
 from ..pipeline import DuoDiffusion
 from ..presets import make_config
@@ -190,9 +191,19 @@ class Trainer:
             kind = stage.split("_")[0]
             ae = getattr(pipe, stage)
             latent = pc.label_latent_shape if kind == "label" else pc.image_latent_shape
+            ae_cfg = getattr(pc, stage)
+            patch = tuple(scfg.patch_size) or None
+            if patch is not None:
+                df = ae_cfg.downsample_factor
+                if any(p % df or p > v for p, v in zip(patch, pc.volume_shape)):
+                    raise ConfigError(
+                        f"[stages.{stage}].patch_size {list(patch)} must fit in the volume {list(pc.volume_shape)} "
+                        f"and have sides divisible by the autoencoder's downsampling ({df})."
+                    )
             loss = autoencoder_loss(data.images, data.labels, kind=kind, num_classes=pc.num_classes,
                                     latent_shape=latent, kl_weight=scfg.kl_weight, dice_weight=scfg.dice_weight,
-                                    ssim_weight=scfg.ssim_weight)
+                                    ssim_weight=scfg.ssim_weight, patch_size=patch,
+                                    downsample_factor=ae_cfg.downsample_factor)
             wrapper, finished = run_stage(run_name, AutoencoderStep(ae), loss, scfg, use_ema=False, **common)
             ae = wrapper.autoencoder
             self.trained[stage] = ae
@@ -273,23 +284,20 @@ class Trainer:
 
     @torch.inference_mode()
     def _validate_autoencoder(self, kind: str, pipe: DuoDiffusion) -> dict:
+        """Reconstruction of the validation cases (:mod:`duodiff.metrics.autoencoder`): image PSNR / SSIM / L1,
+        label per-class Dice."""
+        from ..metrics import image_reconstruction, label_reconstruction
+
         data = self.data
         if len(data.val_names) == 0:
             return {}
         ae = getattr(pipe, f"{kind}_autoencoder").to(self.device).eval()
         if kind == "image":
-            x = data.val_images.to(self.device)
-            mu, _ = ae.encode(x)
-            return {"val_l1": float((ae.decode(mu).float().clamp(0, 1) - x).abs().mean())}
-        from monai.metrics import compute_dice
-
-        k = pipe.config.num_classes
-        x = self._ae_inputs("label", data.val_images, data.val_labels, k).to(self.device)
-        mu, _ = ae.encode(x)
-        pred = ae.decode(mu).argmax(1)
-        pred_oh = F.one_hot(pred, k).movedim(-1, 1).float()
-        dice = compute_dice(pred_oh, x, include_background=False).mean(0)
-        return {"val_dice": {n: float(d) for n, d in zip(pipe.config.label_names[1:], dice)}}
+            r = image_reconstruction(ae, data.val_images.to(self.device))
+            return {"val_psnr_db": r["psnr_db"]["mean"], "val_ssim": r["ssim"]["mean"], "val_l1": r["l1"]["mean"]}
+        r = label_reconstruction(ae, data.val_labels.long().to(self.device), num_classes=pipe.config.num_classes,
+                                 label_names=pipe.config.label_names or None)
+        return {"val_dice": r["dice"]}
 
     def _previews(self, stage: str, pipe: DuoDiffusion, run_name: str) -> None:
         try:
