@@ -427,3 +427,31 @@ def test_autoencoder_patch_training_and_its_checks(tmp_path, dataset):
         train(bad, stages=["image_autoencoder"])
     with pytest.raises(ValueError, match="patch_size must be 3 positive sides"):
         TrainConfig.from_dict({**cfg.to_dict(), "stages": {"image_autoencoder": {"patch_size": [8, 8]}}})
+
+
+def test_init_from_keeps_the_label_side_and_trains_the_image_side(tmp_path, dataset):
+    """Retrain the image side with new settings, keeping a trained model's label autoencoder and label UNet."""
+    first = make_config(tmp_path / "first", dataset, steps=2)
+    base_dir = train(first, stages=["label_autoencoder", "label_unet"])
+    base = DuoDiffusion.from_pretrained(base_dir)
+    cfg = TrainConfig.from_dict({**make_config(tmp_path, dataset, steps=2).to_dict(), "model": {
+        "preset": "tiny", "volume_shape": list(SHAPE), "init_from": str(base_dir),
+        "init_components": ["label_autoencoder", "label_unet"],
+        "image_autoencoder": {"latent_channels": 4},
+    }})
+    model_dir = train(cfg, stages=["image_autoencoder", "image_unet"])  # no label stage runs
+    pipe = DuoDiffusion.from_pretrained(model_dir)
+    for name in ("label_autoencoder", "label_unet"):
+        for k, v in getattr(base, name).state_dict().items():
+            assert torch.equal(getattr(pipe, name).state_dict()[k], v), (name, k)
+    assert pipe.config.label_scale_factor == base.config.label_scale_factor
+    assert pipe.config.image_latent_shape[0] == 4
+    stages = json.loads((tmp_path / "run" / "logs" / "stages.json").read_text())
+    assert stages["label_unet"]["init_from"] == str(base_dir) and stages["image_unet"]["finished"]
+    with pytest.raises(ValueError, match="init_components one of"):
+        TrainConfig.from_dict({**cfg.to_dict(), "model": {"init_from": str(base_dir),
+                                                          "init_components": ["label_unet"]}})
+    other = TrainConfig.from_dict({**cfg.to_dict(), "output_dir": str(tmp_path / "other"), "model": {
+        **cfg.model.to_dict(), "volume_shape": [16, 16, 8]}})
+    with pytest.raises(ValueError, match=r"trained on other data: volume_shape \(16, 16, 16\) there"):
+        train(other, stages=["image_autoencoder"])

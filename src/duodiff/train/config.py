@@ -75,6 +75,12 @@ class ModelConfig(_Config):
         label_autoencoder / image_autoencoder / label_unet / image_unet: tables (``[model.image_autoencoder]``)
             of settings that replace the preset's for that component, e.g. ``channels = [32, 64]`` and
             ``latent_channels = 4`` for a 2x-downsampling image latent (see :func:`duodiff.presets.make_config`).
+        init_from: a saved model (folder, Hub id, or ``"bundled"`` for the packaged hippocampus model) whose
+            ``init_components`` this run starts from, trained: their configs, weights, latent scale factors and
+            (for ``label_unet``) attribute statistics are copied and their stages count as finished. Used to
+            retrain one side of a model with a new recipe while keeping the other.
+        init_components: components taken from ``init_from``: ``["label_autoencoder", "label_unet"]`` (the label
+            side) or ``["label_autoencoder"]``; the image side is always built from the preset and its tables.
     """
 
     _name: ClassVar[str] = "[model]"
@@ -88,9 +94,24 @@ class ModelConfig(_Config):
     image_autoencoder: dict = field(default_factory=dict)
     label_unet: dict = field(default_factory=dict)
     image_unet: dict = field(default_factory=dict)
+    init_from: str = ""
+    init_components: tuple[str, ...] = ()
 
     def validate(self) -> None:
         import dataclasses
+
+        allowed_init = (("label_autoencoder",), ("label_autoencoder", "label_unet"))
+        if bool(self.init_from) != bool(self.init_components) or (
+            self.init_components and tuple(self.init_components) not in allowed_init
+        ):
+            raise ConfigError(
+                f"[model].init_from={self.init_from!r} with init_components={list(self.init_components)}: set both, "
+                f"with init_components one of {[list(c) for c in allowed_init]} (a label UNet needs its autoencoder)."
+            )
+        for comp in self.init_components:
+            if getattr(self, comp):
+                raise ConfigError(f"[model.{comp}] changes a component that init_components takes from "
+                                  f"{self.init_from!r}; remove one of them.")
 
         from ..config import AutoencoderConfig, UNetConfig
         from ..presets import DERIVED_KEYS, OVERRIDABLE

@@ -101,7 +101,37 @@ class Trainer:
             prediction_type=m.prediction_type, attributes=m.attributes, init_seed=self.cfg.seed,
             overrides=m.overrides,
         )
+        if m.init_from:
+            pipe = self._init_from(pipe)
         return self._record_preprocessing(pipe)
+
+    def _init_from(self, pipe: DuoDiffusion) -> DuoDiffusion:
+        """``pipe`` with ``[model].init_components`` (configs, weights, scale factors, attribute statistics) taken
+        from the trained model ``[model].init_from``; their stages are marked finished in ``stages.json``."""
+        from ..bundled import load_bundled
+
+        m = self.cfg.model
+        src = load_bundled() if m.init_from == "bundled" else DuoDiffusion.from_pretrained(m.init_from)
+        sc, pc = src.config, pipe.config
+        same = {k: (getattr(sc, k), getattr(pc, k)) for k in ("num_classes", "volume_shape", "spacing", "label_names")}
+        differ = {k: v for k, v in same.items() if k != "spacing" and v[0] != v[1]}
+        if differ or any(abs(a - b) > 1e-3 for a, b in zip(sc.spacing, pc.spacing)):
+            raise ValueError(
+                f"[model].init_from {m.init_from!r} was trained on other data: "
+                + ", ".join(f"{k} {a} there vs {b} here" for k, (a, b) in same.items() if a != b)
+                + ". Use a model trained on this dataset and volume_shape."
+            )
+        changes: dict = {"label_autoencoder": sc.label_autoencoder, "label_scale_factor": sc.label_scale_factor}
+        if "label_unet" in m.init_components:
+            changes.update(label_unet=sc.label_unet, attributes=sc.attributes, attribute_mean=sc.attribute_mean,
+                           attribute_std=sc.attribute_std)
+        comps = pipe.components() | {c: getattr(src, c) for c in m.init_components}
+        info = {"finished": True, "steps": 0, "seconds": 0.0, "init_from": m.init_from}
+        if self.di.is_main:
+            for stage in m.init_components:
+                if not self._state().get(stage, {}).get("finished"):
+                    self._mark(stage, info)
+        return DuoDiffusion(pc.replace(**changes), comps)
 
     def _record_preprocessing(self, pipe: DuoDiffusion) -> DuoDiffusion:
         """``pipe`` with ``[data].intensity_percentiles`` recorded in its config (what evaluate reads back)."""
