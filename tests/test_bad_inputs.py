@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from duodiff import ConfigError, DuoDiffusion, keys, make_config
 from duodiff.cli.main import main
+from duodiff.config import ConfigTypeError
 from duodiff.hub import ModelLoadError
 from duodiff.io import read_nifti, spacing_affine, write_json, write_nifti
 from duodiff.preview import preview_folder
@@ -130,12 +131,12 @@ FOLDER_CASES = [
      "beta"),
     ("missing-required-key", _cfg("label_unet/config.json", lambda d: d.pop("in_channels")), ConfigError,
      "in_channels"),
-    ("wrong-type-channels", _cfg("image_unet/config.json", lambda d: d.update(channels="8,16")), TypeError,
+    ("wrong-type-channels", _cfg("image_unet/config.json", lambda d: d.update(channels="8,16")), ConfigTypeError,
      "channels"),
-    ("wrong-type-num-classes", _pipeline_section(lambda d: d.update(num_classes="3")), TypeError, "num_classes"),
-    ("wrong-type-bool", _cfg("label_unet/config.json", lambda d: d.update(with_conditioning="no")), TypeError,
+    ("wrong-type-num-classes", _pipeline_section(lambda d: d.update(num_classes="3")), ConfigTypeError, "num_classes"),
+    ("wrong-type-bool", _cfg("label_unet/config.json", lambda d: d.update(with_conditioning="no")), ConfigTypeError,
      "with_conditioning"),
-    ("wrong-type-spacing", _pipeline_section(lambda d: d.update(spacing=[1, "a", 1])), TypeError, "spacing"),
+    ("wrong-type-spacing", _pipeline_section(lambda d: d.update(spacing=[1, "a", 1])), ConfigTypeError, "spacing"),
     ("incompatible-norm-groups", _cfg("label_autoencoder/config.json", lambda d: d.update(norm_num_groups=3)),
      ConfigError, "norm_num_groups"),
     ("incompatible-volume-shape", _pipeline_section(lambda d: d.update(volume_shape=[15, 16, 16])), ConfigError,

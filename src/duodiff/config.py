@@ -22,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 
 __all__ = [
     "ConfigError",
+    "ConfigTypeError",
     "AutoencoderConfig",
     "UNetConfig",
     "ControlNetConfig",
@@ -34,6 +35,10 @@ T = TypeVar("T", bound="_Config")
 
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field, the value and the fix."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A configuration value has the wrong type (a ``TypeError`` and a :class:`ConfigError`: bad user input)."""
 
 
 def _is_instance(value: Any, annotation: Any) -> bool:
@@ -97,7 +102,7 @@ class _Config:
             value = getattr(self, f.name)
             annotation = hints[f.name]
             if not _is_instance(value, annotation):
-                raise TypeError(
+                raise ConfigTypeError(
                     f"{self._name}.{f.name} must be {_describe(annotation)}, got {value!r} "
                     f"({type(value).__name__})."
                 )
@@ -122,7 +127,7 @@ class _Config:
     def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
         """Build from a dict, rejecting unknown keys by name."""
         if not isinstance(data, Mapping):
-            raise TypeError(f"{cls._name} must be a mapping, got {type(data).__name__}.")
+            raise ConfigTypeError(f"{cls._name} must be a mapping, got {type(data).__name__}.")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
