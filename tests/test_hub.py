@@ -84,7 +84,17 @@ def test_fp16_variant_round_trip(tiny_pipe, tmp_path):
     a, b = sample(tiny_pipe), sample(loaded)
     assert float((a.images - b.images).abs().mean()) < 0.02
     assert float((a.labels == b.labels).float().mean()) > 0.95
-    # asking for the missing fp32 weights names the fix
+    # a folder holding only the fp16 variant loads without naming it, and says which weights it loaded
+    with pytest.warns(UserWarning, match=r"holds only fp16 weights \(model.fp16.safetensors\)"):
+        implicit = DuoDiffusion.from_pretrained(tmp_path / "half")
+    assert_same_weights(loaded, implicit)
+    # ... from an offline Hub cache too
+    fill_hf_cache(tmp_path / "half", tmp_path / "hf", "org/half")
+    with pytest.warns(UserWarning, match="holds only fp16 weights"):
+        hub = DuoDiffusion.from_pretrained("org/half", cache_dir=tmp_path / "hf", local_files_only=True)
+    assert_same_weights(loaded, hub)
+    # a folder missing some components' weights still names the fix
+    (tmp_path / "half" / "label_unet" / "model.fp16.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="variant="):
         DuoDiffusion.from_pretrained(tmp_path / "half")
 

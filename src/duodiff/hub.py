@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -368,6 +369,17 @@ def load_pipeline(
     )
     config = read_config(folder)
     fname = weights_name(variant)
+    if variant is None and not any((folder / n / fname).is_file() for n in keys.COMPONENTS):
+        # a folder that holds exactly one variant loads without naming it (a bundled or shared fp16-only model)
+        if not Path(path_or_repo_id).expanduser().is_dir():  # a Hub snapshot: fetch the fp16 files instead
+            folder = resolve_model_path(path_or_repo_id, revision=revision, variant="fp16", cache_dir=cache_dir,
+                                        local_files_only=local_files_only, token=token)
+        if all((folder / n / weights_name("fp16")).is_file() for n in keys.COMPONENTS):
+            fname = weights_name("fp16")
+            warnings.warn(
+                f"{str(path_or_repo_id)!r} holds only fp16 weights ({fname}); loaded them into float32 networks. "
+                "Pass variant='fp16' to say so and silence this warning.", UserWarning, stacklevel=3,
+            )
     comps = {}
     for name in keys.COMPONENTS:
         module = build_component(name, config)
