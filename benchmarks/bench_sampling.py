@@ -498,8 +498,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- main
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--preset", nargs="+", default=["hippocampus", "paper"], choices=["hippocampus", "paper"])
     p.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16", "float16"],
@@ -529,8 +530,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run the benchmark; ``prog`` names the command in usage lines (``duodiff bench`` when run through it)."""
+    args = parse_args(argv, prog)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -124,6 +124,13 @@ def _agree(kind: str, real: tuple[str, ...] | None, synthetic: tuple[str, ...] |
         )
 
 
+def _chmod_umask(path: Path) -> None:
+    """Give a folder made by ``tempfile.mkdtemp`` (mode 0700) the mode ``mkdir`` would have given it (0777 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o777 & ~mask)
+
+
 def export_nnunet(
     out_root: str | os.PathLike,
     *,
@@ -191,6 +198,9 @@ def export_nnunet(
         raise ValueError(f"num_synthetic must be a positive int, got {num_synthetic!r}.")
     if num_synthetic is not None and synthetic is None:
         raise ValueError("num_synthetic needs a synthetic source (a sample folder or a model).")
+    if not str(out_root).strip():
+        raise ValueError("The nnU-Net raw folder (out_root / --out) is empty, e.g. an unset $nnUNet_raw; pass the "
+                         "folder to write DatasetXXX_NAME/ into.")
     root = Path(out_root)
     folder_name = f"Dataset{dataset_id:03d}_{name}"
     target = root / folder_name
@@ -275,6 +285,7 @@ def export_nnunet(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}.tmp-", dir=root))
     try:
+        _chmod_umask(tmp)  # mkdtemp makes it 0700; the dataset folder gets the permissions any new folder gets
         images_dir, labels_dir = tmp / "imagesTr", tmp / "labelsTr"
         images_dir.mkdir()
         labels_dir.mkdir()

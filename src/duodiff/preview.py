@@ -10,7 +10,10 @@ import numpy as np
 
 from .io import NIFTI_SUFFIX, read_nifti
 
-__all__ = ["plot_pairs", "preview_folder"]
+__all__ = ["plot_pairs", "preview_folder", "preview_path", "PREVIEW_NAME"]
+
+#: file written inside a folder given as the preview destination
+PREVIEW_NAME = "preview.png"
 
 
 def _require_matplotlib():
@@ -91,6 +94,31 @@ def plot_pairs(
     return out
 
 
+def preview_path(out: str | os.PathLike, *, will_exist: Sequence[str | os.PathLike] = ()) -> Path:
+    """The PNG a preview destination ``out`` names: an existing folder gets :data:`PREVIEW_NAME` inside it, a
+    name without suffix gets ``.png``. No folder is ever created: the parent must exist (or be one of
+    ``will_exist``, folders the caller creates first).
+
+    Raises:
+        ValueError: ``out`` is empty. FileNotFoundError: its folder does not exist.
+    """
+    if not str(out).strip():
+        raise ValueError("The preview path is empty; pass a PNG file (or an existing folder for "
+                         f"{PREVIEW_NAME} inside it).")
+    p = Path(out).expanduser()
+    if p.is_dir():
+        return p / PREVIEW_NAME
+    if not p.suffix:
+        p = p.with_name(p.name + ".png")
+    parent = p.parent
+    planned = {Path(w).expanduser().resolve() for w in will_exist}
+    if not parent.is_dir() and parent.resolve() not in planned:
+        raise FileNotFoundError(f"Cannot write the preview {str(p)!r}: the folder {str(parent)!r} does not exist. "
+                                "Create it first or choose another path (duodiff does not create folders for "
+                                "previews).")
+    return p
+
+
 def preview_folder(path: str | os.PathLike, out: str | os.PathLike, *, max_cases: int = 4,
                    label: str | os.PathLike | None = None) -> Path:
     """Montage of up to ``max_cases`` pairs from a sample folder, or of one NIfTI image (+ optional label).
@@ -99,9 +127,13 @@ def preview_folder(path: str | os.PathLike, out: str | os.PathLike, *, max_cases
     :mod:`duodiff.data.folders`, as ``duodiff train`` reads them: the same cases are refused with the same
     messages (an image without label, image and label on different grids, non-integer labels). The first
     image channel is shown, reoriented to RAS.
+
+    ``out`` is resolved by :func:`preview_path` (an existing folder gets ``preview.png`` inside it; missing
+    folders are an error, never created); the path written is returned.
     """
     from .data.folders import Case, find_cases, read_case
 
+    out = preview_path(out)
     path = Path(path)
     if path.is_dir():
         cases = find_cases(path)[:max_cases]

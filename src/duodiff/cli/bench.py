@@ -44,4 +44,4 @@ def run(args: argparse.Namespace) -> int:
     rest = list(args.bench_args)
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    return int(module.main(rest) or 0)
+    return int(module.main(rest, prog="duodiff bench") or 0)

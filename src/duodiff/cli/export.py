@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import positive_int
+from .common import check_device, positive_int
 
 
 def _names(text: str) -> list[str]:
@@ -53,6 +53,10 @@ def add_parser(sub) -> None:
 def run_nnunet(args: argparse.Namespace) -> int:
     from ..export import export_nnunet
 
+    if not args.out.strip():
+        raise ValueError("--out is empty (an unset $nnUNet_raw?); pass the nnU-Net raw folder to write "
+                         "DatasetXXX_NAME/ into.")
+    check_device(args.device)
     if args.real is None and args.synthetic is None:
         raise ValueError("Nothing to export: pass --real DIR and/or --synthetic DIR_OR_MODEL.")
     result = export_nnunet(

@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from .common import add_model_argument, load_model, positive_int
+from .common import add_model_argument, check_device, load_model, positive_int
 
 
 def add_parser(sub) -> None:
@@ -42,7 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--distributed", action="store_true",
                    help="split the seeds across the processes of a torchrun launch into one --out folder "
                         "(automatic when WORLD_SIZE > 1)")
-    p.add_argument("--preview", default=None, metavar="PNG", help="also write a preview montage to PNG")
+    p.add_argument("--preview", default=None, metavar="PNG",
+                   help="also write a preview montage to PNG (.png is added to a name without suffix; an existing "
+                        "folder gets preview.png inside it; its folder must exist or be --out)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -54,10 +56,20 @@ def run(args: argparse.Namespace) -> int:
     from ..distributed import DistributedContext, finalize_folder, init_distributed, is_torchrun
     from ..output import sample_name
 
+    if not args.out.strip():
+        raise ValueError("--out is empty (an unset shell variable?); pass the folder to write the pairs to.")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} exists and is not a folder; choose a folder path.")
+    # every argument is checked before the model loads, a progress bar starts or a folder is created
     tile = parse_tile_size(args.decode_tile_size)
+    check_sampling_args(args)
+    class_volumes = parse_class_volumes(args.class_volume)
+    preview = None
+    if args.preview is not None:
+        from ..preview import preview_path
+
+        preview = preview_path(args.preview, will_exist=[out])
     # under torchrun each rank takes seeds[rank::world_size]; resuming filters each rank's own share
     dist = init_distributed(args.device) if args.distributed or is_torchrun() else DistributedContext()
     shard = dist.shard(range(args.seed, args.seed + args.num_samples))
@@ -65,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         seeds = [s for s in seeds if not (out / "labelsTr" / f"{sample_name(s, args.prefix)}.nii.gz").exists()]
     pipe = load_model(args, device=dist.device(args.device))
-    class_volumes = parse_class_volumes(args.class_volume)
     with warnings.catch_warnings():  # refuse impossible volumes before writing anything; sample() warns
         warnings.simplefilter("ignore")
         pipe.check_class_volumes(class_volumes)
@@ -75,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
         qc = SliceSegmenter.load(args.qc).to(args.device).eval()
     reports = []
+    created = not out.exists()
     try:  # fail before sampling, not after it
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -83,17 +95,24 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(seeds), desc="pairs", disable=args.no_progress or not dist.is_main)
-    for start in range(0, len(seeds), args.batch_size):
-        chunk = seeds[start : start + args.batch_size]
-        result = pipe.sample(len(chunk), seed=chunk, num_inference_steps=args.steps, scheduler=args.scheduler,
-                             dtype=args.dtype, progress=not args.no_progress, class_volumes=class_volumes,
-                             guidance_scale=args.guidance_scale, volume_tolerance=args.volume_tolerance, qc=qc,
-                             qc_threshold=args.qc_threshold, max_retries=args.max_retries, decode_tile_size=tile)
-        if result.report:
-            reports.append(result.report)
-        result.save(out, prefix=args.prefix)
-        written += len(chunk)
-        bar.update(len(chunk))
+    try:
+        for start in range(0, len(seeds), args.batch_size):
+            chunk = seeds[start : start + args.batch_size]
+            result = pipe.sample(len(chunk), seed=chunk, num_inference_steps=args.steps, scheduler=args.scheduler,
+                                 dtype=args.dtype, progress=not args.no_progress, class_volumes=class_volumes,
+                                 guidance_scale=args.guidance_scale, volume_tolerance=args.volume_tolerance, qc=qc,
+                                 qc_threshold=args.qc_threshold, max_retries=args.max_retries,
+                                 decode_tile_size=tile)
+            if result.report:
+                reports.append(result.report)
+            result.save(out, prefix=args.prefix)
+            written += len(chunk)
+            bar.update(len(chunk))
+    except BaseException:
+        bar.close()
+        if created and dist.is_main:
+            _remove_if_empty(out)  # never leave an empty --out folder behind a failed run
+        raise
     bar.close()
     dist.barrier()  # every rank has written its cases; rank 0 fixes dataset.json and writes the preview
     if dist.is_distributed and dist.is_main:
@@ -104,14 +123,43 @@ def run(args: argparse.Namespace) -> int:
         print(f"acceptance: {written - len(failed)}/{written} pairs met the constraints in {attempts} attempts "
               f"(rate {(written - len(failed)) / max(attempts, 1):.2f}); {len(failed)} kept but failing: {failed}",
               file=sys.stderr)
-    if args.preview and dist.is_main:
-        from ..preview import preview_folder
-
-        preview_folder(out, args.preview)
     who = f"rank {dist.rank}/{dist.world_size}: " if dist.is_distributed else ""
     print(f"{who}wrote {written} pair(s) to {out} ({len(shard) - len(seeds)} already there)", file=sys.stderr)
+    if preview is not None and dist.is_main:
+        from ..preview import preview_folder
+
+        print(f"wrote preview {preview_folder(out, preview)}", file=sys.stderr)
     dist.close()
     return 0
+
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """The checks :meth:`DuoDiffusion.sample` makes that need no model, made before the model loads."""
+    check_device(args.device)
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}.")
+    if not args.guidance_scale >= 0:
+        raise ValueError(f"--guidance-scale must be >= 0, got {args.guidance_scale}.")
+    if args.volume_tolerance is not None and not (args.class_volume and args.volume_tolerance > 0):
+        raise ValueError(f"--volume-tolerance needs --class-volume and a value > 0, got {args.volume_tolerance}.")
+    if args.max_retries < 0:
+        raise ValueError(f"--max-retries must be >= 0, got {args.max_retries}.")
+    if not 0 <= args.qc_threshold <= 1:
+        raise ValueError(f"--qc-threshold is a Dice in [0, 1], got {args.qc_threshold}.")
+    if args.qc is not None:
+        from pathlib import Path
+
+        if not Path(args.qc).is_dir():
+            raise FileNotFoundError(f"--qc {args.qc!r} is not a folder; pass a segmenter folder written by "
+                                    "`duodiff evaluate` (segmenter.json + .safetensors).")
+
+
+def _remove_if_empty(folder) -> None:
+    """Remove ``folder`` if it holds no files (only empty sub-folders)."""
+    import shutil
+
+    if folder.is_dir() and not any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def parse_class_volumes(items: list[str]) -> dict[str, float] | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import positive_int
+from .common import check_device, positive_int
 
 
 def add_parser(sub) -> None:
@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import load_train_config, train
+    from ..train import load_train_config
+    from ..train.trainer import Trainer
 
     overrides = {}
     if args.output_dir:
@@ -38,7 +39,19 @@ def run(args: argparse.Namespace) -> int:
     if args.no_progress:
         overrides["progress"] = False
     cfg = load_train_config(args.config, overrides)
-    model_dir = train(cfg, stages=args.stage, resume=args.resume, stop_after=args.stop_after,
-                      finetune=args.finetune)
-    print(f"model written to {model_dir}", file=sys.stderr)
+    check_device(cfg.device, "--device" if args.device else "device (in the config)")
+    trainer = Trainer(cfg)
+    model_dir = trainer.run(args.stage, resume=args.resume, stop_after=args.stop_after, finetune=args.finetune)
+    if not trainer.is_main:
+        return 0
+    if trainer.stopped:
+        stage, step, steps = trainer.stopped
+        print(f"stopped at step {step} of {steps} of stage {stage} (--stop-after); continue with "
+              f"`duodiff train {args.config} --resume`", file=sys.stderr)
+        print(f"model so far written to {model_dir}", file=sys.stderr)
+    elif trainer.skipped and not trainer.completed:
+        print(f"nothing to do: stage(s) {', '.join(trainer.skipped)} already finished in {cfg.output_dir}; the "
+              f"model is {model_dir} (--finetune trains further, a new --output-dir starts over)", file=sys.stderr)
+    else:
+        print(f"model written to {model_dir}", file=sys.stderr)
     return 0

@@ -34,6 +34,11 @@ class DataConfig(_Config):
         label_values: original label values mapped to ids ``0..K-1`` (empty = the dataset.json ``labels`` keys).
         on_bad_case: ``"fail"`` (default) or ``"skip"`` (skip and report) for NaN volumes, shape mismatches,
             empty labels.
+        max_foreground_loss: the fraction of a case's label foreground (any class) that may fall outside the
+            ``volume_shape`` crop before the case counts as damaged (default 0.05 = 5 %). Training prints a data
+            summary and one warning line per damaged case (see ``on_foreground_loss``).
+        on_foreground_loss: ``"warn"`` (default: train anyway, warning per damaged case) or ``"fail"`` (refuse to
+            train while any case loses more than ``max_foreground_loss``).
         cache_dir: where preprocessed arrays are cached (empty = ``<output_dir>/cache``).
     """
 
@@ -46,13 +51,23 @@ class DataConfig(_Config):
     intensity_percentiles: tuple[float, float] = (0.5, 99.5)
     label_values: tuple[int, ...] = ()
     on_bad_case: str = "fail"
+    max_foreground_loss: float = 0.05
+    on_foreground_loss: str = "warn"
     cache_dir: str = ""
+
+    #: options that do not change the preprocessed arrays (left out of the cache key)
+    NOT_CACHED: ClassVar[tuple[str, ...]] = ("cache_dir", "max_foreground_loss", "on_foreground_loss")
 
     def validate(self) -> None:
         if not self.root and not self.datalist:
             raise ConfigError("[data] needs root (an MSD/nnU-Net folder) or datalist (a MONAI datalist JSON).")
         if self.on_bad_case not in ("fail", "skip"):
             raise ConfigError(f"[data].on_bad_case must be 'fail' or 'skip', got {self.on_bad_case!r}.")
+        if not 0 <= self.max_foreground_loss < 1:
+            raise ConfigError(f"[data].max_foreground_loss must be a fraction in [0, 1) (0.05 = 5 %), got "
+                              f"{self.max_foreground_loss!r}.")
+        if self.on_foreground_loss not in ("warn", "fail"):
+            raise ConfigError(f"[data].on_foreground_loss must be 'warn' or 'fail', got {self.on_foreground_loss!r}.")
         lo, hi = self.intensity_percentiles
         if not 0 <= lo < hi <= 100:
             raise ConfigError(f"[data].intensity_percentiles must satisfy 0 <= lo < hi <= 100, got {(lo, hi)}.")
@@ -252,8 +267,14 @@ class TrainConfig(_Config):
 def load_train_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a TOML training config; relative data paths are resolved against the config file's folder."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.toml"))
+        inside = f" ({', '.join(found[:5])} are there)" if found else ""
+        raise IsADirectoryError(f"{str(path)!r} is a folder; pass a TOML training config file{inside}. Templates: "
+                                "examples/*/train.toml, e.g. examples/hippocampus/train.toml.")
     if not path.is_file():
-        raise FileNotFoundError(f"No training config at {str(path)!r}. See examples/*.toml for templates.")
+        raise FileNotFoundError(f"No training config at {str(path)!r}. Templates: examples/*/train.toml, e.g. "
+                                "examples/hippocampus/train.toml.")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:

@@ -35,7 +35,7 @@ from ..io import atomic_write
 from .config import DataConfig
 
 __all__ = ["Case", "PreparedData", "find_cases", "read_split", "preprocess_case", "prepare_dataset", "load_split_cases",
-           "BadCaseError"]
+           "BadCaseError", "data_summary", "foreground_loss_cases"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def preprocess_case(case: Case, cfg: DataConfig, volume_shape: Sequence[int], la
     Returns:
         image float32 ``(C, *volume_shape)`` in [0, 1], label uint8 ``(1, *volume_shape)`` in ``0..K-1``, and
         a dict of facts (original shape, voxel spacing in mm after orientation/resampling, lost foreground
-        fraction).
+        fraction, and per class id present the fraction of its voxels kept by the crop/pad).
 
     Raises:
         BadCaseError: unreadable file, NaN/Inf, image/label on different voxel grids (shape or affine), non-integer
@@ -114,8 +114,11 @@ def preprocess_case(case: Case, cfg: DataConfig, volume_shape: Sequence[int], la
         raise BadCaseError(f"case {case.name!r}: the label is empty (background only).")
     image = normalise_intensity(pair.image, cfg.intensity_percentiles, case.name)
     orig_shape = tuple(int(s) for s in label.shape[1:])
+    before = np.bincount(label.ravel(), minlength=len(label_values))
     image, label, lost = crop_or_pad(image, label, volume_shape)
-    facts = {"shape": orig_shape, "lost_foreground": lost, "spacing": list(pair.spacing)}
+    after = np.bincount(label.ravel(), minlength=len(label_values))
+    kept = {str(c): float(after[c] / before[c]) for c in range(1, len(label_values)) if before[c] > 0}
+    facts = {"shape": orig_shape, "lost_foreground": lost, "foreground_kept": kept, "spacing": list(pair.spacing)}
     return image.astype(np.float32), label.astype(np.uint8), facts
 
 
@@ -232,8 +235,16 @@ def prepare_dataset(
         labels = read_dataset_labels(cfg.root) if cfg.root else None
         label_values = sorted(labels or ())
         if not label_values:
-            raise ValueError("Cannot infer label values: no dataset.json with 'labels' in the data folder; set "
-                             "[data].label_values (e.g. [0, 1, 2]).")
+            example = '{"labels": {"background": 0, "anterior": 1, "posterior": 2}}'
+            if not cfg.root:
+                where = "[data].datalist gives no class names"
+            elif not (Path(cfg.root) / "dataset.json").is_file():
+                where = f"{str(Path(cfg.root) / 'dataset.json')!r} does not exist"
+            else:
+                where = f"{str(Path(cfg.root) / 'dataset.json')!r} has no 'labels'"
+            raise ValueError(f"Cannot infer label values: {where}. Add a dataset.json with a 'labels' object "
+                             f"(nnU-Net v2 {example}, or MSD {{\"0\": \"background\", \"1\": \"anterior\"}}) "
+                             "to the data folder, or set [data].label_values (e.g. [0, 1, 2]) in the config.")
     by_name = {c.name: c for c in cases}
     if cfg.split:
         split = read_split(cfg.split)
@@ -245,7 +256,8 @@ def prepare_dataset(
     else:
         train_cases, val_cases = cases, []
     key = hashlib.sha256(json.dumps({
-        "cfg": cfg.to_dict() | {"cache_dir": ""}, "shape": list(volume_shape), "values": label_values,
+        "cfg": {k: v for k, v in cfg.to_dict().items() if k not in DataConfig.NOT_CACHED} | {"cache_dir": ""},
+        "shape": list(volume_shape), "values": label_values,
         "train": [c.name for c in train_cases], "val": [c.name for c in val_cases], "v": 2,
     }, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"prepared-{key}.npz"
@@ -277,3 +289,52 @@ def prepare_dataset(
                      val_images=data.val_images.numpy(), val_labels=data.val_labels.numpy(),
                      val_names=np.array(vnames, dtype=str), report=np.array(json.dumps(report)))
     return data, label_values
+
+
+def foreground_loss_cases(report: dict, threshold: float) -> dict[str, float]:
+    """``{case: lost foreground fraction}`` of the prepared cases that lost more than ``threshold`` of their label
+    foreground to the crop/pad (from :attr:`PreparedData.report`), worst first."""
+    lost = {name: float(f.get("lost_foreground", 0.0)) for name, f in report.get("cases", {}).items()}
+    return dict(sorted(((n, v) for n, v in lost.items() if v > threshold), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%" if x >= 0.01 or x == 0 else f"{100 * x:.1f}%"
+
+
+def data_summary(report: dict, volume_shape: Sequence[int], label_names: Sequence[str] = ()) -> list[str]:
+    """Human-readable lines about a prepared dataset: cases, original shapes, spacing, and per class the fraction
+    of the label foreground kept after the crop/pad to ``volume_shape`` (mean and worst case)."""
+    cases = report.get("cases", {})
+    skipped = report.get("skipped", {})
+    shape = "x".join(str(int(v)) for v in volume_shape)
+    lines = [f"data: {report.get('num_train', 0)} training + {report.get('num_val', 0)} validation case(s)"
+             + (f", {len(skipped)} skipped (see logs/data_report.json)" if skipped else "")
+             + f"; cropped/padded to {shape} voxels"]
+    shapes = np.asarray([f["shape"] for f in cases.values() if "shape" in f], dtype=float)
+    if len(shapes):
+        lo, hi = shapes.min(0).astype(int), shapes.max(0).astype(int)
+        lines.append(f"data: original shapes {'x'.join(map(str, lo))} .. {'x'.join(map(str, hi))} voxels")
+    spacings = np.asarray([f["spacing"] for f in cases.values() if "spacing" in f], dtype=float)
+    if len(spacings):
+        med, lo, hi = np.median(spacings, 0), spacings.min(0), spacings.max(0)
+        fmt = lambda v: "x".join(f"{x:.3g}" for x in v)  # noqa: E731
+        rng = "" if np.allclose(lo, hi) else f" (range {fmt(lo)} .. {fmt(hi)})"
+        lines.append(f"data: spacing {fmt(med)} mm (median){rng}")
+    kept: dict[str, list[float]] = {}
+    for f in cases.values():
+        for c, v in f.get("foreground_kept", {}).items():
+            kept.setdefault(c, []).append(float(v))
+    if kept:
+        def name(c: str) -> str:
+            i = int(c)
+            return label_names[i] if i < len(label_names) else f"class {i}"
+
+        parts = [f"{name(c)} {_pct(float(np.mean(v)))} (worst {_pct(min(v))})"
+                 for c, v in sorted(kept.items(), key=lambda kv: int(kv[0]))]
+        lines.append("data: label foreground kept after crop/pad, mean over cases: " + ", ".join(parts))
+    elif cases:
+        lost = [float(f.get("lost_foreground", 0.0)) for f in cases.values()]
+        lines.append(f"data: label foreground kept after crop/pad: {_pct(1 - float(np.mean(lost)))} mean "
+                     f"(worst {_pct(1 - max(lost))})")
+    return lines

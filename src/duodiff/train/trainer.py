@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,13 +26,16 @@ from ..data.folders import dataset_label_names
 from ..pipeline import DuoDiffusion
 from ..presets import make_config
 from .config import STAGES, TrainConfig, load_train_config
-from .data import PreparedData, prepare_dataset
+from .data import BadCaseError, PreparedData, data_summary, foreground_loss_cases, prepare_dataset
 from .loop import dist_info, run_stage
 from .stages import AutoencoderStep, ControlledUNet, autoencoder_loss, diffusion_loss, encode_latents
 
 __all__ = ["train", "Trainer"]
 
 logger = logging.getLogger(__name__)
+
+#: damaged cases named one per line before the rest are only counted (all are in logs/data_report.json)
+_MAX_CASE_LINES = 20
 
 _DEPENDS = {
     "label_unet": "label_autoencoder",
@@ -66,6 +70,16 @@ class Trainer:
         #: stage -> the module this process trained (its own replica under DDP)
         self.trained: dict[str, torch.nn.Module] = {}
         self.label_values: list[int] = []
+        #: what the last :meth:`run` did: stages skipped as already finished, stages trained to the end, and
+        #: ``(stage, step, steps)`` of a stage stopped early by ``stop_after`` (else ``None``)
+        self.skipped: list[str] = []
+        self.completed: list[str] = []
+        self.stopped: tuple[str, int, int] | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process is rank 0 (the one that writes logs and prints)."""
+        return self.di.is_main
 
     # ---------------------------------------------------------------- data and pipeline
     @property
@@ -79,7 +93,40 @@ class Trainer:
             if self.di.is_main:
                 (self.out / "logs").mkdir(parents=True, exist_ok=True)
                 (self.out / "logs" / "data_report.json").write_text(json.dumps(self._data.report, indent=2))
+                for line in data_summary(self._data.report, shape, self._label_names()):
+                    print(line, file=sys.stderr)
+            self._check_foreground_loss(shape)
         return self._data
+
+    def _check_foreground_loss(self, shape: Sequence[int]) -> None:
+        """Warn (one line per case) or fail when cases lose more than ``[data].max_foreground_loss`` of their
+        label foreground to the crop/pad."""
+        d = self.cfg.data
+        bad = foreground_loss_cases(self._data.report, d.max_foreground_loss)
+        if not bad:
+            return
+        n = len(self._data.report.get("cases", {}))
+        where = "x".join(str(int(v)) for v in shape)
+        fix = ("use a larger [model].volume_shape, a coarser [data].target_spacing, or fix those cases; "
+               "[data].max_foreground_loss sets the threshold")
+        if d.on_foreground_loss == "fail":
+            worst = ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(bad.items())[:5])
+            raise BadCaseError(
+                f"{len(bad)} of {n} case(s) lose more than {100 * d.max_foreground_loss:g}% of their label "
+                f"foreground to the crop to {where} voxels (worst: {worst}); {fix}, or set "
+                "[data].on_foreground_loss = 'warn' to train anyway. Details: logs/data_report.json."
+            )
+        if not self.di.is_main:
+            return
+        print(f"WARNING: {len(bad)} of {n} case(s) lose more than {100 * d.max_foreground_loss:g}% of their label "
+              f"foreground to the crop to {where} voxels; {fix} (or set [data].on_foreground_loss = 'fail' to "
+              "refuse such data):", file=sys.stderr)
+        shown = list(bad.items())[:_MAX_CASE_LINES]
+        for name, lost in shown:
+            print(f"WARNING: case {name}: {100 * lost:.1f}% of the label foreground cropped away", file=sys.stderr)
+        if len(bad) > len(shown):
+            print(f"WARNING: ... and {len(bad) - len(shown)} more case(s), listed in "
+                  f"{self.out / 'logs' / 'data_report.json'}", file=sys.stderr)
 
     def _label_names(self) -> tuple[str, ...]:
         """``[model].label_names``, else the dataset.json names of the label values (never invented ones)."""
@@ -184,11 +231,13 @@ class Trainer:
         if self.di.is_main:
             (self.out / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True))
         done = self._state()
+        self.skipped, self.completed, self.stopped = [], [], None
         for stage in STAGES:
             if stage not in todo:
                 continue
             if resume and done.get(stage, {}).get("finished"):
                 logger.info("stage %s already finished; skipping", stage)
+                self.skipped.append(stage)
                 continue
             need = _DEPENDS.get(stage)
             if need and not done.get(need, {}).get("finished") and need not in todo:
@@ -196,7 +245,9 @@ class Trainer:
             finished = self._run_stage(stage, resume=resume, stop_after=stop_after, finetune=finetune)
             done = self._state()
             if not finished:
+                self.stopped = (stage, int(stop_after or 0), self.cfg.stages[stage].steps)
                 break
+            self.completed.append(stage)
         return self.model_dir
 
     def _run_stage(self, stage: str, *, resume: bool, stop_after: int | None, finetune: bool = False) -> bool:
@@ -267,7 +318,13 @@ class Trainer:
             latents = self._latents(pipe, "image")
             controlnet = pipe.image_controlnet
             if before is None and not (resume and (self.out / "checkpoints" / run_name).is_dir()):
-                copy_model_state(controlnet, pipe.image_unet.state_dict())
+                monai_log = logging.getLogger("monai.networks.utils")  # logs "'dst' model updated: ..." at INFO
+                level = monai_log.level
+                monai_log.setLevel(logging.WARNING)
+                try:
+                    copy_model_state(controlnet, pipe.image_unet.state_dict())
+                finally:
+                    monai_log.setLevel(level)
             one_hot = F.one_hot(data.labels[:, 0].long(), pc.num_classes).movedim(-1, 1).float()
             model = ControlledUNet(pipe.image_unet, controlnet)
             loss = diffusion_loss(latents, pc.scheduler, one_hot=one_hot)
