@@ -455,3 +455,20 @@ def test_init_from_keeps_the_label_side_and_trains_the_image_side(tmp_path, data
         **cfg.model.to_dict(), "volume_shape": [16, 16, 8]}})
     with pytest.raises(ValueError, match=r"trained on other data: volume_shape \(16, 16, 16\) there"):
         train(other, stages=["image_autoencoder"])
+
+
+def test_init_from_folder_is_relative_to_the_config(tmp_path, dataset):
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    toml = tmp_path / "cfg" / "train.toml"
+    toml.parent.mkdir()
+    toml.write_text(textwrap.dedent(f"""
+        [data]
+        root = "{dataset}"
+        [model]
+        preset = "tiny"
+        init_from = "../models/base"
+        init_components = ["label_autoencoder"]
+    """))
+    assert load_train_config(toml).model.init_from == str(tmp_path / "models" / "base")
+    toml.write_text(toml.read_text().replace("../models/base", "org/name"))  # not a folder: a Hub id
+    assert load_train_config(toml).model.init_from == "org/name"

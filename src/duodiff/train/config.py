@@ -90,7 +90,8 @@ class ModelConfig(_Config):
         label_autoencoder / image_autoencoder / label_unet / image_unet: tables (``[model.image_autoencoder]``)
             of settings that replace the preset's for that component, e.g. ``channels = [32, 64]`` and
             ``latent_channels = 4`` for a 2x-downsampling image latent (see :func:`duodiff.presets.make_config`).
-        init_from: a saved model (folder, Hub id, or ``"bundled"`` for the packaged hippocampus model) whose
+        init_from: a saved model (folder — relative to the config file —, Hub id, or ``"bundled"`` for the packaged
+            hippocampus model) whose
             ``init_components`` this run starts from, trained: their configs, weights, latent scale factors and
             (for ``label_unet``) attribute statistics are copied and their stages count as finished. Used to
             retrain one side of a model with a new recipe while keeping the other.
@@ -286,6 +287,13 @@ def load_train_config(path: str | os.PathLike, overrides: dict[str, Any] | None 
             p = Path(os.path.expandvars(str(data[key]))).expanduser()
             data[key] = str(p if p.is_absolute() else (path.parent / p).resolve())
     raw["data"] = data
+    model = dict(raw.get("model", {}))
+    init_from = str(model.get("init_from", ""))
+    if init_from and init_from != "bundled":  # a folder next to the config (else a Hub id, left as it is)
+        p = Path(os.path.expandvars(init_from)).expanduser()
+        if not p.is_absolute() and (path.parent / p).is_dir():
+            model["init_from"] = str((path.parent / p).resolve())
+        raw["model"] = model
     if "output_dir" in raw:
         p = Path(str(raw["output_dir"])).expanduser()
         raw["output_dir"] = str(p if p.is_absolute() else (path.parent / p).resolve())
