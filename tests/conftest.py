@@ -16,6 +16,7 @@ import pytest
 
 from duodiff import DuoDiffusion
 from duodiff.testing import randomize_weights
+from duodiff.threads import intra_op_threads
 
 #: Real data shared by the project (tests that need it skip when it is absent).
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -28,6 +29,13 @@ def make_tiny(num_classes: int = 3, *, seed: int = 0, **kwargs) -> DuoDiffusion:
     """``from_preset("tiny")`` with randomised weights (a fresh UNet outputs exactly 0)."""
     pipe = DuoDiffusion.from_preset("tiny", num_classes=num_classes, init_seed=seed, **kwargs)
     return randomize_weights(pipe, seed=seed)
+
+
+@pytest.fixture()
+def one_thread():
+    """Run a test with one intra-op thread (small convolutions are faster so on a busy 2-core machine)."""
+    with intra_op_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

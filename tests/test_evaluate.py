@@ -17,14 +17,7 @@ from duodiff.io import spacing_affine, write_nifti
 from duodiff.metrics import PairSet, evaluate, write_report
 from duodiff.testing import phantom_pair, tiny_pipeline
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convolutions run faster on one thread than on two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _phantom_set(seeds, shape=(16, 16, 16)) -> PairSet:

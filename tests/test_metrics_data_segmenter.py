@@ -14,14 +14,7 @@ from duodiff.metrics import load_pairs, parse_cases, read_label_names
 from duodiff.segmenter import SliceSegmenter, plane_slices, plane_stack, train_segmenter
 from duodiff.testing import phantom_pair
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convolutions run faster on one thread than on two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _folder(root: Path, n: int, shape=(18, 20, 17), *, nnunet: bool = True, spacing=(1.0, 1.0, 1.0)) -> Path:

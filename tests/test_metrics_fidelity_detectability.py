@@ -23,13 +23,7 @@ from duodiff.metrics import (
 )
 from duodiff.testing import phantom_pair
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ShiftAutoencoder(nn.Module):
