@@ -160,12 +160,13 @@ class Trainer:
         m = self.cfg.model
         src = load_bundled() if m.init_from == "bundled" else DuoDiffusion.from_pretrained(m.init_from)
         sc, pc = src.config, pipe.config
-        same = {k: (getattr(sc, k), getattr(pc, k)) for k in ("num_classes", "volume_shape", "spacing", "label_names")}
-        differ = {k: v for k, v in same.items() if k != "spacing" and v[0] != v[1]}
-        if differ or any(abs(a - b) > 1e-3 for a, b in zip(sc.spacing, pc.spacing)):
+        bad = [(k, getattr(sc, k), getattr(pc, k)) for k in ("num_classes", "volume_shape", "spacing", "label_names")]
+        bad = [(k, a, b) for k, a, b in bad
+               if (max(abs(x - y) for x, y in zip(a, b)) > 1e-3 if k == "spacing" else a != b)]
+        if bad:
             raise ValueError(
                 f"[model].init_from {m.init_from!r} was trained on other data: "
-                + ", ".join(f"{k} {a} there vs {b} here" for k, (a, b) in same.items() if a != b)
+                + ", ".join(f"{k} {a} there vs {b} here" for k, a, b in bad)
                 + ". Use a model trained on this dataset and volume_shape."
             )
         changes: dict = {"label_autoencoder": sc.label_autoencoder, "label_scale_factor": sc.label_scale_factor}
