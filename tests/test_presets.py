@@ -12,16 +12,17 @@ from duodiff.models import count_parameters
 
 
 @pytest.mark.parametrize(
-    "name, shape, factor",
-    [("tiny", (16, 16, 16), 2), ("hippocampus", (32, 48, 32), 4), ("paper", (160, 160, 64), 4)],
+    "name, shape, label_factor, image_factor",
+    [("tiny", (16, 16, 16), 2, 2), ("hippocampus", (32, 48, 32), 4, 2), ("paper", (160, 160, 64), 4, 4)],
 )
-def test_preset_configs(name, shape, factor):
+def test_preset_configs(name, shape, label_factor, image_factor):
     cfg = make_config(name, num_classes=3)
     assert cfg.volume_shape == shape
-    assert cfg.label_autoencoder.downsample_factor == factor
-    assert cfg.image_autoencoder.downsample_factor == factor
-    assert cfg.label_latent_shape[1:] == tuple(s // factor for s in shape)
-    assert cfg.image_controlnet.condition_downsample_factor == factor
+    assert cfg.label_autoencoder.downsample_factor == label_factor
+    assert cfg.image_autoencoder.downsample_factor == image_factor
+    assert cfg.label_latent_shape[1:] == tuple(s // label_factor for s in shape)
+    assert cfg.image_latent_shape[1:] == tuple(s // image_factor for s in shape)
+    assert cfg.image_controlnet.condition_downsample_factor == image_factor
     assert cfg.label_autoencoder.in_channels == 3 and cfg.image_autoencoder.in_channels == 1
 
 
@@ -83,40 +84,32 @@ def test_paper_preset_is_close_to_the_ldm_recipe():
     cfg = make_config("paper", num_classes=2)
     assert cfg.image_autoencoder.channels == (32, 64, 64)
     assert cfg.image_unet.channels == (64, 128, 256)
-    assert cfg.image_latent_shape == (3, 40, 40, 16)
+    assert cfg.image_latent_shape == (8, 40, 40, 16)  # 8 latent channels: the fidelity recipe's channel lever
 
 
-def test_overrides_change_a_component_and_what_follows_from_it():
-    """A 2x image latent: the image UNet and ControlNet follow its channels, the ControlNet embedding its levels."""
-    cfg = make_config("hippocampus", num_classes=3, overrides={
-        "image_autoencoder": {"channels": [32, 64], "num_res_blocks": [1, 1], "attention_levels": [False, False],
-                              "latent_channels": 4},
-        "image_unet": {"channels": [16, 32, 64, 64], "num_res_blocks": [1, 1, 1, 1],
-                       "attention_levels": [False, False, True, True]},
-    })
-    assert cfg.image_autoencoder.downsample_factor == 2 and cfg.image_latent_shape == (4, 16, 24, 16)
-    assert cfg.image_unet.in_channels == cfg.image_unet.out_channels == 4
-    assert cfg.image_controlnet.channels == (16, 32, 64, 64) and cfg.image_controlnet.in_channels == 4
-    assert len(cfg.image_controlnet.conditioning_embedding_num_channels) == 2
-    assert cfg.label_autoencoder == make_config("hippocampus", num_classes=3).label_autoencoder  # untouched
-    pipe = DuoDiffusion.from_config(cfg.replace(volume_shape=(16, 16, 16)), init_seed=0)
-    x = torch.randn(1, 4, 8, 8, 8)
-    y = torch.zeros(1, 3, 16, 16, 16)
-    down, mid = pipe.image_controlnet(x=x, timesteps=torch.tensor([1]), controlnet_cond=y)
-    out = pipe.image_unet(x=x, timesteps=torch.tensor([1]), down_block_additional_residuals=down,
-                          mid_block_additional_residual=mid)
-    assert out.shape == x.shape
+def test_hippocampus_preset_is_the_fidelity_recipe():
+    """The image side of docs/training.md's chosen recipe: 2x, 8 latent channels, a 4-level image UNet whose
+    ControlNet embeds the label at the latent's resolution; the label side keeps its 4x latent."""
+    cfg = make_config("hippocampus", num_classes=3)
+    assert cfg.image_autoencoder.channels == (32, 64) and cfg.image_latent_shape == (8, 16, 24, 16)
+    assert cfg.image_unet.channels == (16, 32, 64, 64)
+    assert cfg.image_unet.attention_levels == (False, False, True, True)
+    assert cfg.image_controlnet.channels == cfg.image_unet.channels
+    assert cfg.image_controlnet.conditioning_embedding_num_channels == (16, 32)
+    assert cfg.label_latent_shape == (3, 8, 12, 8)
 
 
-@pytest.mark.parametrize(("overrides", "match"), [
-    ({"controlnet": {"channels": [8, 16]}}, "Cannot override component 'controlnet'"),
-    ({"image_unet": {"in_channels": 8}}, r"\['in_channels'\] are derived"),
-])
-def test_bad_overrides_are_config_errors(overrides, match):
-    with pytest.raises(ConfigError, match=match):
-        make_config("tiny", num_classes=2, overrides=overrides)
-
-
-def test_overrides_are_unchanged_presets_when_empty():
-    for name in PRESETS:
-        assert make_config(name, num_classes=3, overrides={}) == make_config(name, num_classes=3)
+def test_a_model_saved_before_a_preset_change_keeps_its_architecture(tmp_path):
+    """A model saved with the old hippocampus image side (4x, 3 latent channels, 3-level UNet) loads as it was
+    saved: saved models carry their whole configuration, not a preset name."""
+    old_image_side = {
+        "image_autoencoder": {"channels": [16, 32, 32], "num_res_blocks": [1, 1, 1],
+                              "attention_levels": [False, False, False], "latent_channels": 3},
+        "image_unet": {"channels": [32, 64, 64], "num_res_blocks": [1, 1, 1], "attention_levels": [False, True, True]},
+    }
+    cfg = make_config("hippocampus", num_classes=3, volume_shape=(16, 16, 16), overrides=old_image_side)
+    DuoDiffusion.from_config(cfg, init_seed=0).save_pretrained(tmp_path / "old")
+    loaded = DuoDiffusion.from_pretrained(tmp_path / "old")
+    assert loaded.config == cfg
+    assert loaded.config.image_latent_shape == (3, 4, 4, 4)
+    assert loaded.config.image_controlnet.conditioning_embedding_num_channels == (16, 32, 32)
