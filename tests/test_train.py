@@ -18,6 +18,7 @@ from duodiff import DuoDiffusion
 from duodiff.io import spacing_affine, write_nifti
 from duodiff.testing import phantom_pair
 from duodiff.train import STAGES, TrainConfig, load_train_config, train
+from duodiff.train.config import STAGE_DEFAULTS
 from duodiff.train.data import BadCaseError, find_cases, load_split_cases, prepare_dataset, preprocess_case
 
 SHAPE = (16, 16, 16)
@@ -244,6 +245,12 @@ def test_toml_config_unknown_key_and_relative_paths(tmp_path, dataset):
     """))
     cfg = load_train_config(good)
     assert cfg.output_dir == str(tmp_path / "out") and cfg.stages["label_unet"].steps == 7
+    # a table replaces only the keys it sets; the rest are that stage's defaults (the fidelity recipe's schedule)
+    assert cfg.stages["label_unet"].batch_size == STAGE_DEFAULTS["label_unet"]["batch_size"] == 16
+    assert cfg.stages["label_unet"].lr == STAGE_DEFAULTS["label_unet"]["lr"]
+    assert cfg.stages["image_autoencoder"].steps == STAGE_DEFAULTS["image_autoencoder"]["steps"] == 5000
+    assert cfg.stages["image_autoencoder"].lr == 1e-3 and cfg.stages["label_autoencoder"].lr == 5e-4
+    assert cfg.stages["image_controlnet"].steps == 6000 and cfg.stages["image_controlnet"].batch_size == 8
     bad = tmp_path / "bad.toml"
     bad.write_text(good.read_text().replace("steps = 7", "stepz = 7"))
     with pytest.raises(ValueError, match="Unknown key.*stepz"):

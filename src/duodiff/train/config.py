@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 
 from ..config import ConfigError, _Config
 
-__all__ = ["DataConfig", "ModelConfig", "StageConfig", "TrainConfig", "load_train_config", "STAGES"]
+__all__ = ["DataConfig", "ModelConfig", "StageConfig", "TrainConfig", "load_train_config", "STAGES", "STAGE_DEFAULTS",
+           "stage_config"]
 
 #: Training stages in dependency order (each is also a pipeline component name).
 STAGES = ("label_autoencoder", "image_autoencoder", "label_unet", "image_unet", "image_controlnet")
@@ -219,8 +220,24 @@ class StageConfig(_Config):
             )
 
 
+#: Per-stage defaults over :class:`StageConfig`'s: the schedule that trained the bundled hippocampus model with the
+#: fidelity recipe (docs/training.md). A ``[stages.NAME]`` table replaces only the keys it sets.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "label_autoencoder": {"steps": 1000, "lr": 5e-4},
+    "image_autoencoder": {"steps": 5000, "lr": 1e-3},
+    "label_unet": {"steps": 8000, "batch_size": 16, "lr": 3e-4, "warmup_steps": 100},
+    "image_unet": {"steps": 3000, "batch_size": 16, "lr": 3e-4, "warmup_steps": 100},
+    "image_controlnet": {"steps": 6000, "batch_size": 8, "lr": 3e-4, "warmup_steps": 100},
+}
+
+
+def stage_config(stage: str, table: dict[str, Any] | None = None) -> StageConfig:
+    """The settings of ``stage``: :data:`STAGE_DEFAULTS` for it, then the keys of its ``[stages.NAME]`` ``table``."""
+    return StageConfig.from_dict({**STAGE_DEFAULTS.get(stage, {}), **(table or {})})
+
+
 def _default_stages() -> dict[str, StageConfig]:
-    return {s: StageConfig() for s in STAGES}
+    return {s: stage_config(s) for s in STAGES}
 
 
 @dataclass(frozen=True)
@@ -253,8 +270,8 @@ class TrainConfig(_Config):
             raise ConfigError(f"Unknown stage(s) {unknown} in [stages]. Stages are {list(STAGES)}.")
         merged = {}
         for s in STAGES:
-            v = self.stages.get(s, StageConfig())
-            merged[s] = v if isinstance(v, StageConfig) else StageConfig.from_dict(v)
+            v = self.stages.get(s)
+            merged[s] = v if isinstance(v, StageConfig) else stage_config(s, v)
         object.__setattr__(self, "stages", merged)
         if self.amp not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"amp must be 'float32', 'bfloat16' or 'float16', got {self.amp!r}.")
