@@ -498,6 +498,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- main
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawTextHelpFormatter)
@@ -522,7 +528,7 @@ def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> argparse.
                         "if installed; 'none' forces random weights)")
     p.add_argument("--parity-samples", type=int, default=16, help="label maps per sampler for parity (0 skips)")
     p.add_argument("--no-seams", action="store_true", help="skip the tiled-vs-whole decode check")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads (default: torch's default, all cores); 1 is steadier on a "
                         "machine shared with other jobs")
     p.add_argument("--quick", action="store_true", help="smoke run: hippocampus, batch 1, 3 steps, no parity")

@@ -70,6 +70,12 @@ def fill_hf_cache(model_dir: Path, cache_dir: Path, repo_id: str, *, commit: str
     return snapshot
 
 
+def error_lines(stderr: str) -> list[str]:
+    """``stderr`` without the phase announcements of long commands (``loading model from ... ...``: lines ending in
+    ``" ..."``, shown unless ``--no-progress``): what a one-line error report must reduce to."""
+    return [line for line in stderr.strip().splitlines() if not line.endswith(" ...")]
+
+
 def offline_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses: Hub offline, one thread."""
     env = dict(os.environ)

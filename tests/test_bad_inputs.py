@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import error_lines
 from duodiff import ConfigError, DuoDiffusion, keys, make_config
 from duodiff.cli.main import main
 from duodiff.config import ConfigTypeError
@@ -34,9 +35,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:axcodes:UserWarning")
 
 # ------------------------------------------------------------------------------------------ helpers
 def cli_error(argv: list[str], capsys) -> str:
-    """Run the CLI in-process; assert exit code 2 and one error line; return that line."""
+    """Run the CLI in-process; assert exit code 2 and one error line (after any phase announcements); return it."""
     code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys.readouterr().err)
     assert code == 2, err
     assert len(err) == 1, err
     assert err[0].startswith(f"duodiff {argv[0]}: error: "), err[0]

@@ -2,7 +2,7 @@
 
 Every argument after ``bench`` goes to the benchmark script unchanged, e.g.
 ``duodiff bench --device cuda --preset paper --batch-sizes 1 4 8 --dtypes float16``;
-``duodiff bench -h`` shows the script's options.
+``duodiff bench -h`` shows the script's options, ``--threads N`` among them (checked here first).
 """
 
 from __future__ import annotations
@@ -34,6 +34,17 @@ def script_path() -> Path:
     return path
 
 
+def check_threads_option(argv: list[str]) -> None:
+    """Refuse ``--threads N`` / ``--threads=N`` with ``N`` not a positive integer (one line, exit code 2), before
+    the benchmark script is loaded."""
+    for i, arg in enumerate(argv):
+        if arg == "--threads" or arg.startswith("--threads="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"--threads must be a positive integer (torch intra-op CPU threads), got "
+                                 f"{value!r}; e.g. --threads 1.")
+
+
 def run(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -44,4 +55,5 @@ def run(args: argparse.Namespace) -> int:
     rest = list(args.bench_args)
     if rest[:1] == ["--"]:
         rest = rest[1:]
+    check_threads_option(rest)
     return int(module.main(rest, prog="duodiff bench") or 0)

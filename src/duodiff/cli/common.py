@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-__all__ = ["add_model_argument", "check_device", "load_model", "positive_int"]
+__all__ = ["add_model_argument", "add_threads_argument", "check_device", "compute_note", "load_model", "model_name",
+           "positive_int", "say"]
 
 
 def positive_int(text: str) -> int:
@@ -15,6 +17,45 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's intra-op CPU threads for the whole command (applied by ``duodiff.cli.main``)."""
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="torch intra-op CPU threads for this command (default: torch's own, OMP_NUM_THREADS or "
+                        "one per core); 1 is steadier on a machine shared with other jobs")
+
+
+def say(message: str, enabled: bool = True) -> None:
+    """One line on stderr saying what a command is doing now, before a phase that takes a while. Like the progress
+    bars, these lines are progress output: ``--no-progress`` (``enabled=False``) hides them."""
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+def compute_note(device: str | None, dtype: str | None = None, *, scheduler: str | None = None,
+                 steps: int | None = None) -> str:
+    """``"DDIM-50, float32, cpu, 2 threads"``: how a phase computes, for :func:`say` lines (``dtype=None`` and no
+    ``scheduler`` / ``steps``: ``"cpu, 2 threads"``)."""
+    import torch
+
+    parts = []
+    if scheduler is not None and steps is not None:
+        parts.append(f"{scheduler.upper()}-{steps}")
+    if dtype is not None:
+        parts.append(dtype)
+    kind = torch.device(device or "cpu").type
+    if kind == "cpu":
+        n = torch.get_num_threads()
+        parts.append(f"cpu, {n} thread{'s' if n != 1 else ''}")
+    else:
+        parts.append(str(device))
+    return ", ".join(parts)
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """What ``--model`` names, for :func:`say` lines."""
+    return "the bundled hippocampus model" if args.model is None else repr(args.model)
 
 
 def check_device(device: str | None, option: str = "--device") -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import add_threads_argument
+
 
 def add_parser(sub) -> None:
     from .. import keys
@@ -25,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--key", default=None,
                    help="entry holding the state dict inside wrapped checkpoints, e.g. 'model' (default: detect)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 

@@ -7,7 +7,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_argument, load_model, positive_int
+from .common import (
+    add_model_argument,
+    add_threads_argument,
+    check_device,
+    compute_note,
+    load_model,
+    model_name,
+    positive_int,
+    say,
+)
 
 
 def add_parser(sub) -> None:
@@ -58,7 +67,8 @@ def add_parser(sub) -> None:
     p.add_argument("--detector-folds", type=int, default=5,
                    help="cross-validation folds of the detector (default 5)")
     p.add_argument("--save-synthetic", action="store_true", help="also write the generated pairs to OUT/synthetic")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars and the lines announcing each phase")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
@@ -77,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--copy-threshold must be in (0, 1], got {args.copy_threshold}.")
     if args.normalize_synthetic and not args.synthetic:
         raise ValueError("--normalize-synthetic only applies to --synthetic folders; drop it or pass --synthetic.")
+    check_device(args.device)
     progress = not args.no_progress
     setup: dict = {"real": str(args.real)}
     timing: dict[str, float] = {}
@@ -84,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     # 1. model (not needed when an existing synthetic folder is evaluated without --model)
     pipe = None
     if args.synthetic is None or args.model is not None:
+        say(f"loading model from {model_name(args)} ...", progress)
         pipe = load_model(args, device=args.device)
         setup["model"] = str(args.model) if args.model is not None else "bundled"
 
@@ -101,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     spacing = tuple(pipe.config.spacing) if pipe is not None else tuple(synthetic.spacing)
     resample = spacing if args.resample else None
     cases = parse_cases(args.cases)
+    say(f"reading real pairs from {args.real}" + (f" ({args.cases})" if args.cases else "") + " ...", progress)
     real = load_pairs(args.real, volume_shape=volume_shape, cases=cases, resample_spacing=resample,
                       intensity_percentiles=percentiles)
     train_real = None
@@ -124,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--synthetic volumes are {tuple(synthetic.images.shape[2:])} but the model makes "
                              f"{volume_shape}; drop --model or pass the model that made them.")
     else:
+        how = compute_note(args.device, args.dtype or "float32", scheduler=args.scheduler, steps=args.steps)
+        say(f"generating {args.num_samples} pair(s) ({how}, batch {args.batch_size}) ...", progress)
         result = pipe.sample(args.num_samples, seed=args.seed, num_inference_steps=args.steps,
                              scheduler=args.scheduler, batch_size=args.batch_size, dtype=args.dtype,
                              progress=progress)
@@ -157,6 +172,12 @@ def run(args: argparse.Namespace) -> int:
                          f"{num_classes}; pass a segmenter trained on this dataset or drop --segmenter.")
 
     # 6. metrics and report
+    seg = (f"segmenter loaded from {args.segmenter}" if segmenter is not None else
+           f"training the segmenter / feature network ({args.segmenter_steps} steps)")
+    det = (f", detectability ({args.detector_folds} folds x {args.detector_steps} steps)" if args.detector_steps > 0
+           else "")
+    say(f"scoring {len(synthetic)} synthetic vs {len(real)} real pairs: {seg}, FID-2.5D, MS-SSIM, labels, "
+        f"memorisation{det} ({compute_note('cpu')}) ...", progress)
     ev = evaluate(real, synthetic, num_classes=num_classes, label_names=names, segmenter=segmenter,
                   feature_network=feature_network, memorization_reference=train_real, segmenter_data=train_real,
                   segmenter_steps=args.segmenter_steps, copy_threshold=args.copy_threshold,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_argument, load_model
+from .common import add_model_argument, add_threads_argument, load_model
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="describe a model (components, parameters, shapes, labels)")
     add_model_argument(p, positional=True)
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 

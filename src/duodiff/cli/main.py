@@ -5,11 +5,15 @@ Exit codes: ``0`` success; ``2`` a user error (bad arguments or values, duodiff'
 what is wrong and how to fix it; ``1`` anything else, i.e. an internal error (a bug in duodiff or a
 dependency, running out of memory), reported in one line that names the exception and says to rerun with
 ``--debug``; ``130`` interrupted. ``--debug`` (anywhere on the line) shows the full traceback instead.
+
+Every command takes ``--threads N`` (torch's intra-op CPU threads for the command; ``duodiff bench`` passes it to
+its script), and long commands say on stderr what they are doing before each phase.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import sys
@@ -78,6 +82,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def _threads(num_threads: int | None) -> typing.ContextManager[None]:
+    """``--threads N``: the command runs with ``N`` intra-op CPU threads (``duodiff.threads.intra_op_threads``)."""
+    if num_threads is None:
+        return contextlib.nullcontext()
+    from ..threads import intra_op_threads
+
+    return intra_op_threads(num_threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="duodiff",
@@ -103,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.debug = debug
     try:
-        return int(args.func(args) or 0)
+        with _threads(getattr(args, "threads", None)):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("duodiff: interrupted", file=sys.stderr)
         return 130

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import positive_int
+from .common import add_threads_argument, positive_int
 
 
 def add_parser(sub) -> None:
@@ -16,6 +16,7 @@ def add_parser(sub) -> None:
                    help="PNG to write (.png is added to a name without suffix); an existing folder gets "
                         "preview.png inside it. Its folder must exist: no folders are created")
     p.add_argument("--max-cases", type=positive_int, default=4)
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 

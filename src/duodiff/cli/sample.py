@@ -6,7 +6,16 @@ import argparse
 import sys
 import warnings
 
-from .common import add_model_argument, check_device, load_model, positive_int
+from .common import (
+    add_model_argument,
+    add_threads_argument,
+    check_device,
+    compute_note,
+    load_model,
+    model_name,
+    positive_int,
+    say,
+)
 
 
 def add_parser(sub) -> None:
@@ -45,7 +54,8 @@ def add_parser(sub) -> None:
     p.add_argument("--preview", default=None, metavar="PNG",
                    help="also write a preview montage to PNG (.png is added to a name without suffix; an existing "
                         "folder gets preview.png inside it; its folder must exist or be --out)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars and the lines announcing each phase")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
@@ -76,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     seeds = shard
     if args.resume:
         seeds = [s for s in seeds if not (out / "labelsTr" / f"{sample_name(s, args.prefix)}.nii.gz").exists()]
+    announce = dist.is_main and not args.no_progress
+    say(f"loading model from {model_name(args)} ...", announce)
     pipe = load_model(args, device=dist.device(args.device))
     with warnings.catch_warnings():  # refuse impossible volumes before writing anything; sample() warns
         warnings.simplefilter("ignore")
@@ -93,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
         raise OSError(f"Cannot create output folders in {str(out)!r}: {e}. Choose a writable --out.") from e
     written = 0
     from tqdm.auto import tqdm
+
+    who = f" over {dist.world_size} processes" if dist.is_distributed else ""
+    how = compute_note(str(pipe.device), args.dtype or "float32", scheduler=args.scheduler, steps=args.steps)
+    say(f"generating {len(seeds)} pair(s){who} ({how}, batch {args.batch_size}) into {out} ...", announce)
 
     bar = tqdm(total=len(seeds), desc="pairs", disable=args.no_progress or not dist.is_main)
     try:
@@ -128,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     if preview is not None and dist.is_main:
         from ..preview import preview_folder
 
+        say(f"drawing the preview {preview} ...", announce)
         print(f"wrote preview {preview_folder(out, preview)}", file=sys.stderr)
     dist.close()
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import check_device, positive_int
+from .common import add_threads_argument, check_device, compute_note, positive_int, say
 
 
 def add_parser(sub) -> None:
@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
                    help="stop each stage after this many total steps (resume later with --resume)")
     p.add_argument("--output-dir", default=None, help="override output_dir of the config")
     p.add_argument("--device", default=None, help="override device of the config")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars and the lines announcing each phase")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
@@ -41,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_train_config(args.config, overrides)
     check_device(cfg.device, "--device" if args.device else "device (in the config)")
     trainer = Trainer(cfg)
+    stages = ", ".join(args.stage) if args.stage else "all stages"
+    say(f"training {stages} from {args.config} into {cfg.output_dir} ({compute_note(cfg.device)}) ...",
+        trainer.is_main and cfg.progress)
     model_dir = trainer.run(args.stage, resume=args.resume, stop_after=args.stop_after, finetune=args.finetune)
     if not trainer.is_main:
         return 0

@@ -87,6 +87,9 @@ class Trainer:
         if self._data is None:
             cache = Path(self.cfg.data.cache_dir) if self.cfg.data.cache_dir else self.out / "cache"
             shape = self.cfg.model.volume_shape or make_config(self.cfg.model.preset, num_classes=2).volume_shape
+            if self.di.is_main and self.cfg.progress:
+                print(f"reading and preprocessing the training cases (cache: {cache}) ...", file=sys.stderr,
+                      flush=True)
             self._data, self.label_values = prepare_dataset(
                 self.cfg.data, shape, cache_dir=cache, progress=self.cfg.progress and self.di.is_main
             )
@@ -243,6 +246,13 @@ class Trainer:
             need = _DEPENDS.get(stage)
             if need and not done.get(need, {}).get("finished") and need not in todo:
                 raise ValueError(f"Stage {stage!r} needs a trained {need!r} first: run `--stage {need}` (or 'all').")
+            _ = self.data  # read the data (and print its summary) before announcing the stage
+            if self.is_main and self.cfg.progress:  # like the progress bars: progress = false hides it
+                scfg = self.cfg.stages[stage]
+                what = "fine-tuning" if finetune else "training"
+                again = ", from its latest checkpoint if any" if resume else ""
+                print(f"stage {stage}: {what} {scfg.steps} steps (batch {scfg.batch_size}, {scfg.amp or self.cfg.amp}"
+                      f"{again}) ...", file=sys.stderr, flush=True)
             finished = self._run_stage(stage, resume=resume, stop_after=stop_after, finetune=finetune)
             done = self._state()
             if not finished:
