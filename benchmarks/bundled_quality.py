@@ -158,7 +158,7 @@ def main() -> None:
                [real_lab[i, 0].numpy() for i in range(k)] + [s.labels[i, 0].numpy() for i in range(k)],
                out / "real_vs_synthetic.png",
                titles=[f"real {n}" for n in real_names[:k]] + [f"synthetic seed {x}" for x in s.seeds[:k]],
-               num_classes=len(names))
+               num_classes=len(names), label_names=names)
     print(to_markdown(summary, meta))
 
 

@@ -9,7 +9,7 @@ import torch
 from duodiff import DuoSample
 from duodiff.data.folders import find_cases
 from duodiff.io import spacing_affine, write_nifti
-from duodiff.preview import plot_pairs, preview_folder
+from duodiff.preview import montage_figure, plot_pairs, preview_folder
 from duodiff.testing import phantom_pair
 
 pytest.importorskip("matplotlib")
@@ -90,3 +90,73 @@ def test_preview_label_shape_mismatch(tmp_path):
 def test_preview_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="Nothing to preview"):
         preview_folder(tmp_path / "nope", tmp_path / "m.png")
+
+
+# ---------------------------------------------------------------- colour legend (issue 17, point 8)
+def legend_entries(fig) -> list[tuple[str, tuple[float, ...]]]:
+    """(name, RGB) of each entry of the figure's one legend."""
+    assert len(fig.legends) == 1
+    legend = fig.legends[0]
+    return [(t.get_text(), tuple(round(float(c), 4) for c in h.get_facecolor()[:3]))
+            for t, h in zip(legend.get_texts(), legend.legend_handles)]
+
+
+def test_legend_names_each_foreground_class_in_its_overlay_colour():
+    import matplotlib.pyplot as plt
+
+    img, lab = phantom_pair((16, 16, 16), num_classes=3, seed=0)
+    fig = montage_figure([img], [lab], label_names=("background", "outer", "inner"))
+    tab10 = plt.get_cmap("tab10")
+    assert legend_entries(fig) == [(name, tuple(round(float(c), 4) for c in tab10(i)[:3]))
+                                   for i, name in ((1, "outer"), (2, "inner"))]
+    plt.close(fig)
+    fig = montage_figure([img], [lab])  # no names: generic ones, never a missing legend
+    assert [name for name, _ in legend_entries(fig)] == ["class 1", "class 2"]
+    plt.close(fig)
+    fig = montage_figure([img], [lab], label_names=("background", "a", "b", "c"))  # a class absent from the slices
+    assert [name for name, _ in legend_entries(fig)] == ["a", "b", "c"]
+    plt.close(fig)
+
+
+def test_no_labels_no_legend():
+    import matplotlib.pyplot as plt
+
+    img, _ = phantom_pair((16, 16, 16), seed=1)
+    fig = montage_figure([img], [None])
+    assert fig.legends == []
+    plt.close(fig)
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures :func:`plot_pairs` draws, recorded."""
+    import duodiff.preview as preview
+
+    figures = []
+
+    def spy(*args, **kwargs):
+        figures.append(montage_figure(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(preview, "montage_figure", spy)
+    return figures
+
+
+def test_preview_legend_uses_the_dataset_json_names(sample_dir, tmp_path, drawn, capsys):
+    from test_cli import call_main
+
+    code, _, err = call_main(["preview", str(sample_dir), "--out", str(tmp_path / "p.png")], capsys)
+    assert code == 0, err
+    case = find_cases(sample_dir)[0]
+    preview_folder(case.images[0], tmp_path / "single.png", label=case.label)  # labelsTr/../dataset.json
+    assert [[name for name, _ in legend_entries(fig)] for fig in drawn] == [["a", "b"], ["a", "b"]]
+
+
+def test_sample_preview_legend_names_the_models_classes(tiny_model_dir, tmp_path, drawn, capsys):
+    from test_cli import call_main
+
+    out = tmp_path / "s"
+    code, _, err = call_main(["sample", "-m", str(tiny_model_dir), "-n", "1", "--steps", "2", "--out", str(out),
+                              "--preview", str(out / "p.png"), "--no-progress"], capsys)
+    assert code == 0, err
+    assert [name for name, _ in legend_entries(drawn[0])] == ["anterior", "posterior"]

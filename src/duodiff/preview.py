@@ -10,7 +10,7 @@ import numpy as np
 
 from .io import NIFTI_SUFFIX, read_nifti
 
-__all__ = ["plot_pairs", "preview_folder", "preview_path", "PREVIEW_NAME"]
+__all__ = ["montage_figure", "plot_pairs", "preview_folder", "preview_path", "PREVIEW_NAME"]
 
 #: file written inside a folder given as the preview destination
 PREVIEW_NAME = "preview.png"
@@ -40,25 +40,53 @@ def plot_pairs(
     *,
     titles: Sequence[str] | None = None,
     num_classes: int | None = None,
+    label_names: Sequence[str] | None = None,
     alpha: float = 0.35,
 ) -> Path:
-    """Save a montage: one row per case, columns axial / coronal / sagittal (image | image + labels).
+    """Save a montage: one row per case, columns axial / coronal / sagittal (image | image + labels), with a
+    colour legend naming the foreground classes when labels are shown.
 
     Args:
         images: each ``(H, W, D)`` float.
         labels: each ``(H, W, D)`` int or ``None``.
         out: PNG path.
         titles: one per row.
+        num_classes: classes including background (default: the largest label id + 1).
+        label_names: class names, background first (default ``class 1``, ``class 2``, ...).
     """
     plt = _require_matplotlib()
+    fig = montage_figure(images, labels, titles=titles, num_classes=num_classes, label_names=label_names,
+                         alpha=alpha)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def montage_figure(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray | None],
+    *,
+    titles: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    label_names: Sequence[str] | None = None,
+    alpha: float = 0.35,
+):
+    """The matplotlib ``Figure`` that :func:`plot_pairs` saves (arguments as there); close it when done."""
+    plt = _require_matplotlib()
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
     n = len(images)
     if n == 0:
         raise ValueError("Nothing to preview: no images were given.")
-    cols = 6 if any(lab is not None for lab in labels) else 3
-    fig, axes = plt.subplots(n, cols, figsize=(2.0 * cols, 2.0 * n), squeeze=False)
-    k = num_classes or max((int(lab.max()) + 1 for lab in labels if lab is not None), default=2)
+    with_labels = any(lab is not None for lab in labels)
+    cols = 6 if with_labels else 3
+    fig, axes = plt.subplots(n, cols, figsize=(2.0 * cols, 2.0 * n + (0.4 if with_labels else 0.0)),
+                             squeeze=False)
+    k = num_classes or max([len(label_names or ())] + [int(lab.max()) + 1 for lab in labels if lab is not None]
+                           + [2])
     colors = plt.get_cmap("tab10")(np.arange(max(k, 2)) % 10)
     colors[0, 3] = 0.0
     cmap = ListedColormap(colors)
@@ -86,12 +114,15 @@ def plot_pairs(
         if titles:
             axes[r, 0].text(-0.05, 0.5, titles[r], transform=axes[r, 0].transAxes, rotation=90, va="center",
                             ha="right", fontsize=7)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    bottom = 0.0
+    if with_labels:  # the overlay's colours, named: one entry per foreground class
+        names = list(label_names) if label_names is not None and len(label_names) == k else None
+        handles = [Patch(facecolor=colors[i, :3], label=names[i] if names else f"class {i}") for i in range(1, k)]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False,
+                   title="labels", title_fontsize=8)
+        bottom = 0.4 / fig.get_figheight() + 0.02
+    fig.tight_layout(rect=(0.0, bottom, 1.0, 1.0))
+    return fig
 
 
 def preview_path(out: str | os.PathLike, *, will_exist: Sequence[str | os.PathLike] = ()) -> Path:
@@ -129,7 +160,8 @@ def preview_folder(path: str | os.PathLike, out: str | os.PathLike, *, max_cases
     image channel is shown, reoriented to RAS.
 
     ``out`` is resolved by :func:`preview_path` (an existing folder gets ``preview.png`` inside it; missing
-    folders are an error, never created); the path written is returned.
+    folders are an error, never created); the path written is returned. The legend names the classes of the
+    folder's ``dataset.json`` (for a single image: of the ``dataset.json`` two folders above ``label``).
     """
     from .data.folders import Case, find_cases, read_case
 
@@ -141,15 +173,28 @@ def preview_folder(path: str | os.PathLike, out: str | os.PathLike, *, max_cases
         images = [p.image[0] for p in pairs]
         labels: list[np.ndarray | None] = [p.label[0] for p in pairs]
         titles = [p.name for p in pairs]
+        names = _label_names(path)
     elif path.is_file():
         name = path.name.replace(NIFTI_SUFFIX, "")
+        names = None
         if label:
             pair = read_case(Case(name, (path,), Path(label)))
             images, labels = [pair.image[0]], [pair.label[0]]
+            names = _label_names(Path(label).parent.parent)  # labelsTr/<case> of a dataset folder
         else:
             img, _ = read_nifti(path)
             images, labels = [(img[..., 0] if img.ndim == 4 else img).astype(np.float32)], [None]
         titles = [name]
     else:
         raise FileNotFoundError(f"Nothing to preview at {str(path)!r}: pass a sample folder or a NIfTI file.")
-    return plot_pairs(images, labels, out, titles=titles)
+    return plot_pairs(images, labels, out, titles=titles, label_names=names)
+
+
+def _label_names(folder: Path) -> tuple[str, ...] | None:
+    """Class names from ``folder/dataset.json`` for the legend; ``None`` (generic names) without a usable one."""
+    from .data.folders import read_label_names
+
+    try:
+        return read_label_names(folder)
+    except (OSError, ValueError):  # no or unusable dataset.json: the preview still draws, with generic names
+        return None

@@ -159,7 +159,8 @@ def _figures(ev: Evaluation, out: Path, real: PairSet | None, synthetic: PairSet
         images = [real.images[i, 0].numpy() for i in range(k)] + [synthetic.images[i, 0].numpy() for i in range(k)]
         labels = [real.labels[i, 0].numpy() for i in range(k)] + [synthetic.labels[i, 0].numpy() for i in range(k)]
         titles = [f"real {n}" for n in real.names[:k]] + [f"synthetic {n}" for n in synthetic.names[:k]]
-        plot_pairs(images, labels, out / "montage.png", titles=titles, num_classes=len(names) + 1)
+        plot_pairs(images, labels, out / "montage.png", titles=titles, num_classes=len(names) + 1,
+                   label_names=["background", *names])
         figs["real (top) vs synthetic (bottom) pairs"] = "montage.png"
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
     for j, name in enumerate(names):

@@ -408,7 +408,8 @@ class Trainer:
             if stage == "image_controlnet":
                 s = pipe.to(self.device).sample(4, seed=0, num_inference_steps=25, progress=False)
                 plot_pairs([i[0].numpy() for i in s.images], [lab[0].numpy() for lab in s.labels], out,
-                           titles=[f"seed {x}" for x in s.seeds], num_classes=pipe.config.num_classes)
+                           titles=[f"seed {x}" for x in s.seeds], num_classes=pipe.config.num_classes,
+                           label_names=pipe.config.label_names or None)
         except ImportError:  # matplotlib missing: previews are optional
             logger.info("matplotlib not installed; skipping previews")
 
