@@ -479,3 +479,21 @@ def test_init_from_folder_is_relative_to_the_config(tmp_path, dataset):
     assert load_train_config(toml).model.init_from == str(tmp_path / "models" / "base")
     toml.write_text(toml.read_text().replace("../models/base", "org/name"))  # not a folder: a Hub id
     assert load_train_config(toml).model.init_from == "org/name"
+
+
+def test_trained_model_records_its_training_cases(tmp_path):
+    """Provenance: the model folder lists the case ids it was trained on (and validated on), the card says so,
+    and the test cases of the split appear nowhere."""
+    data = write_dataset(tmp_path / "d", n=4)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["case_002", "case_000"], "val": ["case_001"], "test": ["case_003"]}))
+    cfg = make_config(tmp_path, data, steps=1).to_dict()
+    cfg["data"]["split"] = str(split)
+    model_dir = train(TrainConfig.from_dict(cfg), stages=["label_autoencoder"])
+    prov = json.loads((model_dir / "training_cases.json").read_text())
+    assert sorted(prov["train"]) == ["case_000", "case_002"] and prov["val"] == ["case_001"]
+    assert prov["data"] == "d" and prov["split"] == "split.json" and "init_from" not in prov
+    card = (model_dir / "README.md").read_text()
+    assert "2 cases of `d`" in card and "training_cases.json" in card
+    assert "case_003" not in card and "case_003" not in json.dumps(prov)
+    DuoDiffusion.from_pretrained(model_dir)  # the extra file does not disturb loading

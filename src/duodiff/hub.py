@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,13 +65,27 @@ def _json_dump(data: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------- save
+#: Provenance file a trained model folder carries: the case ids its networks were trained on.
+TRAINING_CASES = "training_cases.json"
+
+
 def save_pipeline(pipe: DuoDiffusion, save_directory: str | os.PathLike, *, variant: str | None = None,
-                  card: str | None = None) -> Path:
+                  card: str | None = None, extra_files: Mapping[str, str] | None = None) -> Path:
     """Write ``pipe`` to ``save_directory`` atomically.
 
     Everything is written into a temporary sibling folder first and swapped in at the end, so a crash
     never leaves a half-written model where a good one was.
+
+    Args:
+        extra_files: text files written beside the components, by file name (e.g. :data:`TRAINING_CASES`).
+
+    Raises:
+        ValueError: an ``extra_files`` name that is a path or collides with the model's own files.
     """
+    reserved = {*keys.COMPONENTS, keys.SCHEDULER, keys.MODEL_INDEX, "README.md"}
+    for fname in extra_files or {}:
+        if Path(fname).name != fname or fname in reserved or fname.startswith("."):
+            raise ValueError(f"extra_files name {fname!r} must be a plain file name other than {sorted(reserved)}.")
     target = Path(save_directory)
     fname = weights_name(variant)
     cfg = pipe.config
@@ -100,6 +115,8 @@ def save_pipeline(pipe: DuoDiffusion, save_directory: str | os.PathLike, *, vari
         (tmp / keys.SCHEDULER).mkdir()
         (tmp / keys.SCHEDULER / _SCHEDULER_CONFIG).write_text(_json_dump(cfg.scheduler.to_dict()))
         (tmp / "README.md").write_text(card if card is not None else model_card(pipe))
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
         (tmp / keys.MODEL_INDEX).write_text(_json_dump(index))
         _swap_in(tmp, target)
     except BaseException:
@@ -208,7 +225,7 @@ def model_card(pipe: DuoDiffusion, *, license: str = "other", extra: str = "") -
 # ---------------------------------------------------------------------------------------- load
 def _allow_patterns(variant: str | None) -> list[str]:
     fname = weights_name(variant)
-    return [keys.MODEL_INDEX, "README.md", f"{keys.SCHEDULER}/*"] + [
+    return [keys.MODEL_INDEX, "README.md", TRAINING_CASES, f"{keys.SCHEDULER}/*"] + [
         p for name in keys.COMPONENTS for p in (f"{name}/{keys.CONFIG_NAME}", f"{name}/{fname}")
     ]
 

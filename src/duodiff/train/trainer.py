@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -206,9 +207,34 @@ class Trainer:
             return (1.0, 1.0, 1.0)
         return tuple(float(v) for v in np.median(np.asarray(found, dtype=float), axis=0))
 
+    def provenance(self) -> dict[str, Any]:
+        """What the run's model was trained on: ``{"data", "split", "train": [case ids], "val": [case ids]}`` and,
+        with ``[model].init_from``, which components came from which model (written as ``training_cases.json``)."""
+        d, m = self.cfg.data, self.cfg.model
+        out: dict[str, Any] = {"data": Path(d.root or d.datalist).name,
+                               "split": Path(d.split).name if d.split else None,
+                               "train": [str(n) for n in self.data.names],
+                               "val": [str(n) for n in self.data.val_names]}
+        if m.init_from:
+            out["init_from"] = {"model": m.init_from if m.init_from == "bundled" else Path(m.init_from).name,
+                                "components": list(m.init_components)}
+        return out
+
     def _save(self, pipe: DuoDiffusion) -> None:
         if self.di.is_main:
-            pipe.save_pretrained(self.model_dir)
+            from ..hub import TRAINING_CASES, model_card, save_pipeline
+
+            prov = self.provenance()
+            taken = (f" {', '.join(prov['init_from']['components'])} were taken from {prov['init_from']['model']!r} "
+                     "(see its own card for its training cases)." if "init_from" in prov else "")
+            card = model_card(pipe, extra="\n".join([
+                "## Training data", "",
+                f"Trained with `duodiff train` on {len(prov['train'])} cases of `{prov['data']}` "
+                f"({len(prov['val'])} validation cases"
+                + (f", split `{prov['split']}`" if prov["split"] else "") + f"); the case ids are in "
+                f"`{TRAINING_CASES}`, so the model can be tested on cases it never saw.{taken}"]))
+            save_pipeline(pipe, self.model_dir, card=card,
+                          extra_files={TRAINING_CASES: json.dumps(prov, indent=1) + "\n"})
         if self.di.world_size > 1:
             dist.barrier()
 
