@@ -13,18 +13,45 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-NETWORK_NAMES = {"unet": "UNet", "dynunet": "DynUNet", "vnet": "VNet"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # downstream.py (imported where needed: it imports torch)
+
+NETWORK_NAMES = {"resunet": "ResUNet", "unet": "UNet", "dynunet": "DynUNet", "segresnet": "SegResNet",
+                 "vnet": "VNet"}
+TASKS = {"msd_hippocampus": "hippocampus", "chaos_mr_t2": "liver (CHAOS T2)"}
 
 
 def _dataset(results: dict[str, Any]) -> str:
     """The dataset's folder name as recorded in the results' settings (e.g. ``msd_hippocampus``)."""
     return str(results.get("settings", {}).get("data") or "dataset")
+
+
+def _network_order(net: str) -> int:
+    return list(NETWORK_NAMES).index(net) if net in NETWORK_NAMES else len(NETWORK_NAMES)
+
+
+def condition_order(cond: str) -> tuple[int, float]:
+    """Table / plot order: real, mix<f>, qcmix<f> (by f), pretrain, synth, anything else."""
+    for rank, prefix in enumerate(("qcmix", "mix")):
+        if cond.startswith(prefix):
+            return (2 - rank, float(cond[len(prefix):]))
+    return ({"real": 0, "pretrain": 3, "synth": 4}.get(cond, 5), 0.0)
+
+
+def describe(cond: str, settings: dict[str, Any] | None = None) -> str:
+    """How a condition uses synthetic pairs, in words (``mix0.25`` -> ``mix 25%``)."""
+    if cond.startswith("qcmix"):
+        t = (settings or {}).get("qc_threshold")
+        return f"QC-filtered mix {float(cond[5:]):.0%}" + (f" (Dice ≥ {t:g})" if t is not None else "")
+    if cond.startswith("mix"):
+        return f"mix {float(cond[3:]):.0%}"
+    return {"real": "none", "pretrain": "pre-train, then fine-tune on real", "synth": "synthetic only"}.get(cond, cond)
 
 
 def _ms(values: list[float], pct: bool = True) -> str:
@@ -38,6 +65,15 @@ def _ms(values: list[float], pct: bool = True) -> str:
     return text if len(v) == 3 else f"{text} (n={len(v)})"
 
 
+def _count(values: list[float | None]) -> str:
+    """Integers (steps, samples): ``mean (min–max)`` over seeds; ``—`` when none is known."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return "—"
+    lo, hi = int(min(v)), int(max(v))
+    return f"{np.mean(v):.0f}" + (f" ({lo}–{hi})" if lo != hi else "")
+
+
 def group(results: dict[str, Any]) -> dict[tuple[str, int, str], dict[int, dict]]:
     """Runs by ``(network, num_real, condition)`` then seed."""
     out: dict[tuple[str, int, str], dict[int, dict]] = defaultdict(dict)
@@ -46,24 +82,37 @@ def group(results: dict[str, Any]) -> dict[tuple[str, int, str], dict[int, dict]
     return out
 
 
+def exposure(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """Steps trained, best step, real and synthetic samples seen by a run; runs made before these were
+    recorded (fixed steps) get them from the settings and their synthetic share."""
+    if "steps_trained" in run:
+        return {k: run.get(k) for k in ("steps_trained", "best_step", "real_seen", "synthetic_seen", "pretrain_steps")}
+    steps, batch = settings.get("steps"), settings.get("batch_size")
+    if steps is None or batch is None:
+        return {"steps_trained": None, "best_step": None, "real_seen": None, "synthetic_seen": None}
+    synthetic = round(steps * batch * run.get("synthetic_share_seen", 0.0))
+    return {"steps_trained": steps, "best_step": None, "real_seen": steps * batch - synthetic,
+            "synthetic_seen": synthetic}
+
+
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (network, regime, mixed condition): real vs real+synthetic, paired over seeds."""
+    """One row per (network, regime, condition using synthetic pairs): real vs real + synthetic, paired over
+    seeds (a regime without such a condition gets one row with ``condition`` ``None``)."""
     g = group(results)
     rows = []
-    networks = sorted({k[0] for k in g}, key=lambda n: list(NETWORK_NAMES).index(n) if n in NETWORK_NAMES else 9)
-    for net in networks:
+    for net in sorted({k[0] for k in g}, key=_network_order):
         synth = g.get((net, 0, "synth"), {})
         regimes = sorted({k[1] for k in g if k[0] == net and k[1] > 0})
         for n in regimes:
             real = g.get((net, n, "real"), {})
-            mixes = sorted((k[2] for k in g if k[0] == net and k[1] == n and k[2].startswith("mix")),
-                           key=lambda c: float(c[3:]))
-            for cond in mixes or [None]:
+            conds = sorted((k[2] for k in g if k[0] == net and k[1] == n and k[2] not in ("real", "synth")),
+                           key=condition_order)
+            for cond in conds or [None]:
                 mix = g.get((net, n, cond), {}) if cond else {}
                 paired = sorted(set(real) & set(mix))
+                fraction = next((r.get("fraction") for r in mix.values()), None)
                 rows.append({
-                    "network": net, "num_real": n, "condition": cond,
-                    "fraction": float(cond[3:]) if cond else None,
+                    "network": net, "num_real": n, "condition": cond, "fraction": fraction,
                     "real": [real[s]["mean"] for s in sorted(real)],
                     "mix": [mix[s]["mean"] for s in sorted(mix)],
                     "diff": [mix[s]["mean"] - real[s]["mean"] for s in paired],
@@ -75,36 +124,73 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _protocol(s: dict[str, Any]) -> str:
+    if s.get("early_stopping"):
+        text = (f"Converged segmenters: up to {s['max_steps']} steps with early stopping on the "
+                f"{s.get('num_val_cases', '?')} val cases (val mean Dice every {s['val_every']} steps, patience "
+                f"{s['patience']} evaluations, best weights restored before testing)")
+    else:
+        text = f"{s['steps']} steps (fixed)"
+        if s.get("pretrain_share") is not None:
+            text += f"; pre-training spends {s['pretrain_share']:.0%} of them on synthetic pairs"
+    if s.get("subset") == "model":
+        text += ("; the real cases of a regime are drawn from the generator's own training cases "
+                 "(`training_cases.json`: same-data protocol)")
+    return text
+
+
 def to_markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     names = s.get("label_names", [])[1:] or [f"class {k}" for k in range(1, s["num_classes"])]
     rows = summary_rows(results)
+    g = group(results)
     seconds = sum(x.get("seconds", 0.0) for x in results.get("sessions", []))
+    task = TASKS.get(_dataset(results), _dataset(results))
     lines = [
         f"# Downstream segmentation: real vs real + synthetic ({_dataset(results)})", "",
         f"Test Dice (%) on the {s['num_test_cases']} held-out test cases, mean ± std over seeds (paired: the "
         "real and real + synthetic runs of a seed share the real subset and the initialisation). "
-        f"{s['steps']} steps, batch {s['batch_size']}, AdamW lr {s['lr']:g} (cosine), DiceCE loss, "
+        f"{_protocol(s)}; batch {s['batch_size']}, AdamW lr {s['lr']:g} (cosine), DiceCE loss, "
         f"autocast {s['amp']}; synthetic pool of {s['num_synthetic']} pairs ({s['gen_steps']} DDIM steps, "
         f"{s['gen_dtype']}) from model `{s['model_path']}` (id {s['model']}). "
         f"Volumes {'x'.join(map(str, s['volume_shape']))}.",
         "",
-        "| network | real cases | synthetic share | real only | real + synthetic | improvement | synthetic only |",
-        "|---|---|---|---|---|---|---|",
+        "| network | task | real cases | synthetic pairs used as | real | real + synthetic | improvement | "
+        "synthetic only |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        frac = f"{r['fraction']:.0%}" if r["fraction"] is not None else "—"
-        lines.append(f"| {NETWORK_NAMES.get(r['network'], r['network'])} | {r['num_real']} | {frac} | "
+        use = describe(r["condition"], s) if r["condition"] else "—"
+        lines.append(f"| {NETWORK_NAMES.get(r['network'], r['network'])} | {task} | {r['num_real']} | {use} | "
                      f"{_ms(r['real'])} | {_ms(r['mix'])} | {_signed(r['diff'])} | {_ms(r['synth'])} |")
-    synth_only = [(net, runs) for (net, n, c), runs in group(results).items() if c == "synth"]
-    for net, runs in synth_only:
-        if not any(r["network"] == net for r in rows):
-            lines.append(f"| {NETWORK_NAMES.get(net, net)} | 0 | 100% | — | — | — | "
+    for (net, _, c), runs in sorted(g.items(), key=lambda kv: _network_order(kv[0][0])):
+        if c == "synth" and not any(r["network"] == net for r in rows):
+            lines.append(f"| {NETWORK_NAMES.get(net, net)} | {task} | 0 | synthetic only | — | — | — | "
                          f"{_ms([runs[k]['mean'] for k in sorted(runs)])} |")
+    if any(net == "unet" for net, _, _ in g):
+        lines += ["", "UNet: MONAI `UNet` with two residual units per level, the same network as ResUNet."]
+
+    ordered = sorted(g.items(), key=lambda kv: (_network_order(kv[0][0]), kv[0][1], condition_order(kv[0][2])))
+    lines += ["", "Training length and real-sample exposure (per run, mean (min–max) over seeds; steps count "
+              "optimiser steps of batch " f"{s['batch_size']}, samples count volumes drawn into batches; "
+              "\"best step\" is the restored checkpoint):", "",
+              "| network | real cases | condition | steps trained | best step | real samples seen | "
+              "synthetic samples seen | synthetic pool |",
+              "|---|---|---|---|---|---|---|---|"]
+    for (net, n, cond), runs in ordered:
+        ex = [exposure(runs[k], s) for k in sorted(runs)]
+        pool = [runs[k].get("qc_pool") for k in sorted(runs)] if cond.startswith("qcmix") else []
+        pool_text = (f"{_count(pool)} of {s['num_synthetic']} (QC)" if pool else
+                     (str(s["num_synthetic"]) if cond != "real" else "—"))
+        lines.append(f"| {NETWORK_NAMES.get(net, net)} | {n} | {cond} | "
+                     f"{_count([e['steps_trained'] for e in ex])} | {_count([e['best_step'] for e in ex])} | "
+                     f"{_count([e['real_seen'] for e in ex])} | {_count([e['synthetic_seen'] for e in ex])} | "
+                     f"{pool_text} |")
+
     lines += ["", "Per class (Dice %, mean ± std over seeds):", "",
               "| network | real cases | condition | " + " | ".join(names) + " |",
               "|---|---|---|" + "---|" * len(names)]
-    for (net, n, cond), runs in sorted(group(results).items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+    for (net, n, cond), runs in ordered:
         per = np.array([runs[k]["per_class"] for k in sorted(runs)])
         cells = " | ".join(_ms(per[:, c].tolist()) for c in range(per.shape[1]))
         lines.append(f"| {NETWORK_NAMES.get(net, net)} | {n} | {cond} | {cells} |")
@@ -123,20 +209,19 @@ def _signed(values: list[float]) -> str:
 
 
 def plot(results: dict[str, Any], path: str | Path) -> None:
-    """Bars of mean test Dice per network and regime (real, each real + synthetic fraction), seeds as dots,
-    synthetic-only as a dashed line with a ±std band."""
+    """Bars of mean test Dice per network and regime (real, then each way of using synthetic pairs), seeds as
+    dots, synthetic-only as a dashed line with a ±std band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     g = group(results)
-    networks = [n for n in NETWORK_NAMES if any(k[0] == n for k in g)] or sorted({k[0] for k in g})
+    networks = sorted({k[0] for k in g}, key=_network_order)
     fig, axes = plt.subplots(1, len(networks), figsize=(max(4.2 * len(networks), 6.5), 3.6), squeeze=False, sharey=True)
     for ax, net in zip(axes[0], networks):
         regimes = sorted({k[1] for k in g if k[0] == net and k[1] > 0})
-        conds = ["real"] + sorted({k[2] for k in g if k[0] == net and k[2].startswith("mix")},
-                                  key=lambda c: float(c[3:]))
+        conds = sorted({k[2] for k in g if k[0] == net and k[1] > 0}, key=condition_order)
         width = 0.8 / len(conds)
         for j, cond in enumerate(conds):
             xs, means, stds = [], [], []
@@ -150,7 +235,7 @@ def plot(results: dict[str, Any], path: str | Path) -> None:
                 means.append(v.mean())
                 stds.append(v.std(ddof=1) if len(v) > 1 else 0.0)
                 ax.scatter(np.full(len(v), x), v, s=9, color="k", zorder=3)
-            label = "real only" if cond == "real" else f"real + {float(cond[3:]):.0%} synthetic"
+            label = "real only" if cond == "real" else f"real + synthetic: {describe(cond, results['settings'])}"
             ax.bar(xs, means, width * 0.95, yerr=stds, capsize=3, label=label, alpha=0.8)
         synth = g.get((net, 0, "synth"), {})
         if synth:
@@ -180,11 +265,13 @@ def write_report(results: dict[str, Any], md_path: str | Path, png_path: str | P
 
 
 def merge(parts: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
-    """One results dict from several (e.g. one process per seed); their ``keys`` settings must be equal."""
+    """One results dict from several (e.g. one process per seed); their ``keys`` settings must be equal (a key
+    a file lacks counts as ``downstream.LEGACY_SETTINGS`` says, see ``downstream.settings_diff``)."""
+    from downstream import settings_diff
+
     first = parts[0]
     for other in parts[1:]:
-        diff = {k: (first["settings"].get(k), other["settings"].get(k)) for k in keys
-                if first["settings"].get(k) != other["settings"].get(k)}
+        diff = {k: v for k, v in settings_diff(first["settings"], other["settings"]).items() if k in keys}
         if diff:
             raise ValueError(f"Cannot merge results made with different settings: {diff}.")
         clash = set(first["runs"]) & set(other["runs"])
@@ -195,8 +282,6 @@ def merge(parts: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
 
 
 def main() -> None:
-    import sys
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="JSON file(s) written by benchmarks/downstream.py")
     ap.add_argument("--out", default=None, help="merged JSON to write (needed with several inputs)")
@@ -204,7 +289,6 @@ def main() -> None:
     parts = [json.loads(Path(p).read_text()) for p in args.results]
     if len(parts) > 1 and args.out is None:
         ap.error("pass --out for the merged results of several files")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from downstream import RESULT_SETTINGS
 
     results = merge(parts, RESULT_SETTINGS)
