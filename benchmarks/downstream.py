@@ -1,28 +1,58 @@
-"""Downstream segmentation with synthetic pairs: the FOSCU Table II experiment on MSD Hippocampus.
+"""Downstream segmentation with synthetic pairs: the FOSCU Table II experiment on MSD Hippocampus (and CHAOS liver).
 
-Trains MONAI segmentation networks (``UNet``, ``DynUNet``, ``VNet``) in data-scarce regimes (``n`` real
-training cases) under three conditions, and measures Dice on the held-out test cases of the fixed split:
+Trains MONAI segmentation networks in data-scarce regimes (``n`` real training cases) under several
+conditions and measures Dice on the held-out test cases of the fixed split. Networks (:func:`build_network`):
+``resunet`` (the paper's ResUNet: MONAI ``UNet`` with two residual units per level; ``unet`` is the same network
+under the name earlier results files use), ``dynunet``, ``segresnet`` and ``vnet``. Conditions
+(:func:`parse_condition`, ``--conditions``):
 
 * ``real``: the ``n`` real cases only;
 * ``mix<f>``: real + synthetic pairs mixed by :class:`duodiff.MixedBatchSampler`, a share ``f`` of every
-  batch synthetic (one run per fraction in ``--fractions``);
+  batch synthetic;
+* ``qcmix<f>``: as ``mix<f>``, from the pool filtered by pair consistency. The simplest honest way: the pool is
+  filtered with :func:`duodiff.control.qc_accepts`, the acceptance test ``DuoDiffusion.sample(qc=...)`` and
+  ``duodiff sample --qc`` apply, judged by the tri-planar segmenter ``duodiff evaluate`` trains, trained here on
+  the run's own ``n`` real cases (so the filter knows no more real data than the segmenter it feeds); failing
+  pairs are dropped instead of regenerated (rejection sampling on the existing pool, no new generation). The
+  judge's Dice on the val cases is recorded, to show how far its verdicts can be trusted (:func:`qc_filter`);
+* ``pretrain``: synthetic pairs only, then fine-tuned on the ``n`` real cases (:func:`run_one`);
 * ``synth``: synthetic pairs only (does not depend on ``n``; run once per network and seed).
 
-Every run has the same number of optimiser steps and the same batch size, so conditions differ only in
-what the batches hold. Real volumes are preprocessed exactly as for training the generator
-(:func:`duodiff.train.data.preprocess_case`: RAS, the model's recorded percentile clip (0.5/99.5 for models saved
-before it was recorded) to [0, 1], crop/pad to the
-model's ``volume_shape`` around the label centroid). Test cases are only ever used for evaluation.
+Without ``--conditions``, the older flags choose them: ``real`` (unless ``--no-real-only``), ``mix<f>`` for
+each ``--fractions`` (default 0.5) and ``synth`` (unless ``--no-synthetic-only``).
 
-Seeds: seed ``s`` picks the real subset (the first ``n`` of a ``numpy.random.default_rng(s)`` permutation
-of the train cases, so the 10-case subset is inside the 40-case one), the network initialisation
-(inside ``torch.random.fork_rng``, so the global RNG is untouched) and the batch order. ``real`` and
-``mix<f>`` runs of one seed therefore share subset and initialisation: improvements are paired.
+Two training protocols:
+
+* fixed steps (default, as results files before issue 13): every run ``--steps`` optimiser steps of
+  ``--batch-size``, cosine decay over them; ``pretrain`` spends ``--pretrain-share`` of them on synthetic pairs;
+* converged (``--early-stopping``): up to ``--max-steps`` (cosine decay over the cap), the val mean Dice on the
+  split's ``"val"`` cases every ``--val-every`` steps, stop after ``--patience`` evaluations without
+  improvement, the best weights (a ``state_dict`` copy in memory) restored before the test evaluation;
+  ``pretrain`` runs both phases that way. Needs ``val`` cases in the split (the hippocampus split has 20; the
+  liver split has none, so liver runs stay on fixed steps unless a val list is added).
+
+Real-sample exposure: every run records ``steps_trained``, ``real_seen`` and ``synthetic_seen`` (volumes drawn
+into batches), with early stopping also ``best_step`` and the ``val_curve`` ``[[step, dice], ...]``. Under
+fixed steps a ``mix<f>`` arm sees a share ``f`` fewer real samples than ``real``; under early stopping each arm
+trains as long as its val Dice improves, and the report's exposure table shows what each arm actually saw.
+
+Real volumes are preprocessed exactly as for training the generator
+(:func:`duodiff.train.data.preprocess_case`: RAS, the model's recorded percentile clip (0.5/99.5 for models saved
+before it was recorded) to [0, 1], crop/pad to the model's ``volume_shape`` around the label centroid). Test
+cases are only ever used for evaluation; val cases only for early stopping and the QC judge's own score.
+
+Seeds: seed ``s`` picks the real subset (the first ``n`` of a ``numpy.random.default_rng(s)`` permutation of the
+train cases, so the 10-case subset is inside the 40-case one; with ``--subset model`` a permutation of the
+cases in the model's ``training_cases.json``: the same-data protocol, where generator and segmenter see the
+same real cases), the network initialisation (inside ``torch.random.fork_rng``, so the global RNG is
+untouched) and the batch order. All runs of one seed share subset and initialisation: improvements are paired.
 
 A pool of synthetic pairs is generated once (NIfTI in nnU-Net naming, ``<pool>/imagesTr``,
 ``<pool>/labelsTr``, read back with :meth:`duodiff.SyntheticPairDataset.from_folder`) and reused by all
 runs; generation resumes where it stopped. Results go to a JSON file after every run; running the same
 command again skips finished runs (an interrupted run resumes), then writes the Markdown table and plot.
+A file holds runs of one set of :data:`RESULT_SETTINGS`; files written before a setting existed resume with
+its old value (:data:`LEGACY_SETTINGS`: the fixed-steps protocol).
 
     python benchmarks/downstream.py --model src/duodiff/weights/hippocampus \
         --data ../shared/data/msd_hippocampus --split examples/hippocampus/split.json \
@@ -30,6 +60,28 @@ command again skips finished runs (an interrupted run resumes), then writes the 
         --out benchmarks/results/downstream_hippocampus.json
 
 ``--quick`` is a 1-minute sanity run (UNet, 10 cases, 1 seed, 20 steps, 8 synthetic pairs).
+
+Issue 13 grid (same-data generators, converged segmenters), one command per K, each with its own
+generator, pool and results file (``MODEL_K40``: the K = 40 generator's folder; K = 160 is the bundled model,
+which has no ``training_cases.json``: use ``--regimes all --subset seed`` there, i.e. its 160 training cases):
+
+    python benchmarks/downstream.py --model benchmarks/models/hippocampus_k10 --subset model --regimes 10 \
+        --networks resunet dynunet segresnet --seeds 0 1 2 \
+        --conditions real mix0.25 mix0.5 pretrain qcmix0.25 \
+        --early-stopping --max-steps 4000 --val-every 100 --patience 10 --threads 1 \
+        --synthetic-dir runs/downstream/synthetic_k10 --out benchmarks/results/downstream_hippocampus_k10.json
+    # the same with --model MODEL_K40 --regimes 40, runs/downstream/synthetic_k40, ..._k40.json
+
+CPU estimate (measured on this 2-core Xeon, 1 thread, while a training job held both cores, process CPU time;
+the fixed-step results files measured about half of it unloaded: UNet 0.14 s, DynUNet 0.65 s per step):
+a training step of batch 4 at 32 x 48 x 32 costs ResUNet 0.28 s, DynUNet 1.18 s, SegResNet 1.39 s; a val
+evaluation (20 cases) 0.6 / 2.2 / 2.2 s (~2 % at --val-every 100); the QC judge 0.39 s per step (300 steps,
+once per seed) plus 0.25 s per pool pair. One K is 3 seeds x 6 training phases (``pretrain`` has two) per
+network; at ~2000 steps per phase (early stopping between ~1100 steps, best at the first evaluation, and the
+4000 cap) that is ResUNet ~2.8 h, DynUNet ~12 h, SegResNet ~14 h of one core, ~29 h per K (about half
+unloaded), plus ~10 min for the QC judges and a few minutes to generate the 200-pair pool. Run ResUNet first
+(``--networks resunet``, same ``--out``); split seeds over processes with one ``--out`` each and merge them
+with ``downstream_report.py A.json B.json --out merged.json``; on a GPU use ``--device cuda``.
 """
 
 from __future__ import annotations
@@ -761,7 +813,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--amp", default="none", choices=["none", "bfloat16"],
                     help="autocast dtype of the segmentation nets (bfloat16: ~1.7x faster DynUNet/VNet on CPU, but "
                          "not bit-reproducible and NaN-prone with instance norm on tiny bottlenecks)")
-    ap.add_argument("--device", default="cpu", help="torch device of the segmentation nets (e.g. cuda:0)")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device of the segmentation nets and the QC judge (e.g. cuda:0; not tried on a GPU "
+                         "yet, and GPU runs are not bit-reproducible)")
     ap.add_argument("--vnet-dropout", type=float, default=None,
                     help="probability of every VNet dropout layer (default: MONAI's, 0.5 each)")
     ap.add_argument("--num-synthetic", type=int, default=200, help="synthetic pairs in the pool")
