@@ -121,6 +121,18 @@ def test_train_segmenter_learns_phantoms_and_roundtrips(tmp_path):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("num_steps", [1, 9, 10, 11, 20])
+def test_train_segmenter_any_step_count(num_steps):
+    """OneCycleLR divides by its warm-up length, which is zero at exactly 10 steps with a 10 % warm-up; every step
+    count must train (found by `duodiff evaluate --segmenter-steps 10`)."""
+    image, label = phantom_pair((16, 16, 16), num_classes=3, seed=0)
+    images = (torch.from_numpy(image)[None, None] / 1000.0).clamp(0, 1)
+    labels = torch.from_numpy(label).long()[None, None]
+    seg = train_segmenter(images, labels, num_classes=3, num_steps=num_steps, batch_size=2, seed=0,
+                          features=(8, 8, 16, 16, 32, 8), progress=False)
+    assert seg.info["num_steps"] == num_steps
+
+
 def test_segmenter_errors(tmp_path):
     with pytest.raises(ValueError, match="num_classes"):
         SliceSegmenter(1, 1)

@@ -255,7 +255,9 @@ def train_segmenter(
     slices = {p: (plane_slices(images.float(), p), plane_slices(labels.long(), p)) for p in PLANES}
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(seg.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=num_steps, pct_start=0.1)
+    # OneCycleLR divides by its warm-up length (pct_start * total_steps - 1): zero at exactly 10 steps
+    pct_start = 0.1 if abs(0.1 * num_steps - 1) > 1e-9 else 0.15
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=num_steps, pct_start=pct_start)
     losses: list[float] = []
     for step in tqdm(range(num_steps), desc="segmenter", disable=not progress):
         x_all, y_all = slices[PLANES[step % len(PLANES)]]
