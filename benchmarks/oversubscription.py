@@ -107,10 +107,10 @@ def openmp_runtime() -> str:
     import torch
 
     lib = Path(torch.__file__).parent / "lib"
-    names = sorted(p.name for p in lib.glob("*omp*"))
+    names = sorted(p.name for p in lib.iterdir() if re.match(r"lib[gi]?omp", p.name))
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(["ldd", str(lib / "libtorch_cpu.so")], capture_output=True, text=True, timeout=30).stdout
-        names = sorted({m.group(0) for m in re.finditer(r"lib[a-z]*omp[a-z0-9]*\.so[.0-9]*", out)} | set(names))
+        names = sorted({m.group(0) for m in re.finditer(r"lib[gi]?omp[a-z0-9]*\.so[.0-9]*", out)} | set(names))
     return ", ".join(names) or "unknown"
 
 

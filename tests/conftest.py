@@ -6,9 +6,12 @@ Tests must not modify these objects in place; copy them (``copy.deepcopy``) if t
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +20,14 @@ import pytest
 from duodiff import DuoDiffusion
 from duodiff.testing import randomize_weights
 from duodiff.threads import intra_op_threads
+
+# dtype="auto" (the default of sample(), the dataset and the CLI) times the machine on first use: the suite pins
+# it to float32 so that results never depend on timing, and keeps its cache out of the user's cache folder. Set
+# here, at import, so subprocesses (CLI, torchrun, spawned workers) inherit both. Tests of "auto" itself unset
+# the pin and use their own tmp_path cache (tests/test_precision.py).
+os.environ["DUODIFF_AUTO_DTYPE"] = "float32"
+os.environ["DUODIFF_CACHE"] = tempfile.mkdtemp(prefix="duodiff-test-cache-")
+atexit.register(shutil.rmtree, os.environ["DUODIFF_CACHE"], ignore_errors=True)
 
 #: Real data shared by the project (tests that need it skip when it is absent).
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -49,8 +49,24 @@ def test_threads_applies_to_the_command_and_is_restored(tiny_model_dir, monkeypa
     code, _, err = call_main(["info", str(tiny_model_dir), "--threads", str(before + 1)], capsys)
     assert code == 0, err
     assert seen == [before + 1] and torch.get_num_threads() == before
+    monkeypatch.setenv("OMP_NUM_THREADS", str(before))
     call_main(["info", str(tiny_model_dir)], capsys)
-    assert seen[-1] == before  # no --threads: torch's own count
+    assert seen[-1] == before  # no --threads, OMP_NUM_THREADS set: torch's own count
+
+
+def test_without_threads_the_count_follows_the_load(tiny_model_dir, monkeypatch, capsys):
+    """No --threads and no OMP_NUM_THREADS: as many threads as other processes leave cores free."""
+    import duodiff.cli.info as info
+    import duodiff.threads as threads
+
+    seen = []
+    monkeypatch.setattr(info, "run", lambda args: seen.append(torch.get_num_threads()) or 0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "threads_for_load", lambda: before + 1)
+    code, _, err = call_main(["info", str(tiny_model_dir)], capsys)
+    assert code == 0, err
+    assert seen == [before + 1] and torch.get_num_threads() == before
 
 
 def test_sample_announces_its_phases_with_the_thread_count(tiny_model_dir, tmp_path):
@@ -61,7 +77,8 @@ def test_sample_announces_its_phases_with_the_thread_count(tiny_model_dir, tmp_p
     assert proc.returncode == 0, proc.stderr
     err = proc.stderr
     assert f"loading model from {str(tiny_model_dir)!r} ..." in err
-    assert f"generating 2 pair(s) (DDIM-2, float32, cpu, 2 threads, batch 4) into {out} ..." in err
+    # the default dtype "auto" (pinned to float32 in the test suite) says what it resolved to
+    assert f"generating 2 pair(s) (DDIM-2, float32 (auto), cpu, 2 threads, batch 4) into {out} ..." in err
     assert f"drawing the preview {out / 'p.png'} ..." in err
     assert err.index("loading model") < err.index("generating") < err.index("wrote 2 pair(s)")
     quiet = run_cli(["sample", "-m", str(tiny_model_dir), "-n", "1", "--steps", "2", "--out", str(tmp_path / "q"),

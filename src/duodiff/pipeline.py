@@ -7,10 +7,11 @@ latent with a ControlNet that sees the one-hot label map at image resolution (th
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,9 +33,10 @@ from .decoding import TileSize, check_tile_size, decode, describe_decode
 from .io import NonFiniteError, spacing_affine
 from .models import build_component
 from .output import DuoSample
+from .precision import choose_dtype, is_auto
 from .presets import make_config
 from .sampling import denoise, initial_noise, is_stochastic, stage_generators
-from .schedulers import check_num_inference_steps, make_scheduler
+from .schedulers import Sampler, check_num_inference_steps, check_scheduler_name, make_scheduler
 
 __all__ = ["DuoDiffusion", "resolve_dtype"]
 
@@ -55,7 +57,8 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
-    raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch dtype, got {dtype!r}.")
+    raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch dtype (or 'auto' when sampling), "
+                     f"got {dtype!r}.")
 
 
 class DuoDiffusion:
@@ -346,12 +349,23 @@ class DuoDiffusion:
         return labels.to(self.device, torch.long)
 
     # ------------------------------------------------------------------ sampling
-    def _prepare(self, scheduler: str, num_inference_steps: int, conditioning_scale: float, dtype: Any):
+    def _prepare(self, scheduler: str, num_inference_steps: int, conditioning_scale: float, dtype: Any
+                 ) -> tuple[Callable[[], Sampler], torch.dtype | None]:
+        """Check the sampling arguments; return ``(new_scheduler, autocast dtype)``.
+
+        ``new_scheduler()`` makes a fresh sampler with its timesteps set: multistep samplers (PNDM, DPM-Solver++,
+        UniPC) keep the previous steps' outputs, so every denoising run (each stage, batch and retry) gets its own.
+        """
         check_num_inference_steps(num_inference_steps, self.config.scheduler)
+        check_scheduler_name(scheduler)
         if not isinstance(conditioning_scale, (int, float)) or isinstance(conditioning_scale, bool):
             raise TypeError(f"conditioning_scale must be a number, got {conditioning_scale!r}.")
-        amp = resolve_dtype(dtype)
         weights = self.dtype
+        if is_auto(dtype):
+            # measured once per (device, CPU/GPU model, threads, model) and cached; low-precision weights: theirs
+            amp = choose_dtype(self, num_inference_steps)
+        else:
+            amp = resolve_dtype(dtype)
         if weights != torch.float32:
             # low-precision weights (``to(dtype=...)`` / ``from_pretrained(dtype=...)``) need autocast to match
             if amp is None:
@@ -361,9 +375,14 @@ class DuoDiffusion:
                     f"dtype={dtype!r} does not match the pipeline's {weights} weights. Pass dtype=None (autocast to "
                     f"{weights}) or cast the weights first with pipe.to(dtype=...)."
                 )
+        new_scheduler = functools.partial(self._new_scheduler, scheduler, num_inference_steps)
+        new_scheduler()  # fail here, before any work: e.g. 'dpmsolver++' without diffusers installed
+        return new_scheduler, amp
+
+    def _new_scheduler(self, scheduler: str, num_inference_steps: int) -> Sampler:
         sched = make_scheduler(scheduler, self.config.scheduler)
         sched.set_timesteps(num_inference_steps, device=self.device)
-        return sched, amp
+        return sched
 
     def check_class_volumes(
         self,
@@ -397,7 +416,7 @@ class DuoDiffusion:
         null_context = make_context(torch.zeros_like(values), torch.zeros_like(mask), dim)
         return values, mask, context, null_context
 
-    def _generate_labels(self, seeds, sched, stochastic, amp, progress, tile="auto", context=None,
+    def _generate_labels(self, seeds, new_scheduler, stochastic, amp, progress, tile="auto", context=None,
                          null_context=None, guidance_scale=1.0) -> torch.Tensor:
         gens = stage_generators(seeds, "label")
         noise = initial_noise(gens, self.config.label_latent_shape, self.device)
@@ -405,16 +424,17 @@ class DuoDiffusion:
             context = context.to(self.device)
             null_context = null_context.to(self.device)
         with self._autocast(amp):
-            z = denoise(self.label_unet, sched, noise, generators=gens, stochastic=stochastic, progress=progress,
-                        desc="labels", context=context, null_context=null_context, guidance_scale=guidance_scale)
+            z = denoise(self.label_unet, new_scheduler(), noise, generators=gens, stochastic=stochastic,
+                        progress=progress, desc="labels", context=context, null_context=null_context,
+                        guidance_scale=guidance_scale)
             return self._decode("label", z, tile, seeds).argmax(dim=1, keepdim=True)
 
-    def _generate_images(self, labels, seeds, sched, stochastic, conditioning_scale, amp, progress,
+    def _generate_images(self, labels, seeds, new_scheduler, stochastic, conditioning_scale, amp, progress,
                          tile="auto") -> torch.Tensor:
         gens = stage_generators(seeds, "image")
         noise = initial_noise(gens, self.config.image_latent_shape, self.device)
         with self._autocast(amp):
-            z = denoise(self.image_unet, sched, noise, generators=gens, stochastic=stochastic,
+            z = denoise(self.image_unet, new_scheduler(), noise, generators=gens, stochastic=stochastic,
                         controlnet=self.image_controlnet, condition=self.one_hot(labels),
                         conditioning_scale=conditioning_scale, progress=progress, desc="images")
             return self._decode("image", z, tile, seeds).clamp_(0.0, 1.0)
@@ -443,7 +463,7 @@ class DuoDiffusion:
         num_inference_steps: int = 50,
         scheduler: str = "ddim",
         conditioning_scale: float = 1.0,
-        dtype: str | torch.dtype | None = None,
+        dtype: str | torch.dtype | None = "auto",
         decode_tile_size: TileSize = "auto",
         class_volumes: Mapping[str | int, float] | Sequence[Mapping[str | int, float]] | None = None,
         guidance_scale: float = 1.0,
@@ -462,10 +482,15 @@ class DuoDiffusion:
             generator: alternative to ``seed``: per-sample seeds are drawn from it.
             batch_size: samples per forward pass (default: all at once).
             num_inference_steps: denoising steps per stage (``<= num_train_timesteps``).
-            scheduler: ``"ddim"`` (default), ``"ddpm"`` or ``"pndm"``.
+            scheduler: ``"ddim"`` (default), ``"ddpm"``, ``"pndm"``, or the few-step solvers ``"dpmsolver++"``
+                (DPM-Solver++ 2M) and ``"unipc"`` (UniPC), which need diffusers (``pip install
+                "duodiff[samplers]"``). All are built from the model's training schedule (:mod:`duodiff.schedulers`).
             conditioning_scale: ControlNet residual multiplier in stage 2.
-            dtype: autocast dtype: ``None``/``"float32"`` (exact), ``"bfloat16"`` (fast on CPU),
-                ``"float16"`` (CUDA).
+            dtype: autocast dtype: ``"auto"`` (default: the fastest dtype whose outputs match float32 within
+                :data:`duodiff.precision.TOLERANCE`, measured on the first call for this model, device and
+                processor and cached; see :mod:`duodiff.precision`), ``None``/``"float32"`` (exact),
+                ``"bfloat16"``, ``"float16"`` (CUDA). Pass an explicit dtype when outputs must be identical
+                across machines.
             decode_tile_size: VAE decoding: ``"auto"`` (default: whole volumes one by one, exact, never
                 dependent on free memory; a volume that does not fit raises
                 :class:`~duodiff.decoding.DecodeMemoryError` suggesting tiles), ``None`` (whole batch in one
@@ -496,10 +521,12 @@ class DuoDiffusion:
         Raises:
             NonFiniteError: a decoded volume holds NaN/Inf (e.g. a float16 overflow); the message names the
                 dtype and the fix.
+            ImportError: ``scheduler="dpmsolver++"`` / ``"unipc"`` without diffusers; the message says what to
+                install.
         """
         seeds = self._resolve_seeds(num_samples, seed, generator)
         bs = self._batch_size(num_samples, batch_size)
-        sched, amp = self._prepare(scheduler, num_inference_steps, conditioning_scale, dtype)
+        new_scheduler, amp = self._prepare(scheduler, num_inference_steps, conditioning_scale, dtype)
         stochastic = is_stochastic(scheduler)
         check_tile_size(decode_tile_size)
         c = self.config
@@ -520,8 +547,8 @@ class DuoDiffusion:
             ctx = None if context is None else context[idx]
             nctx = None if null_context is None else null_context[idx]
             stats["attempts"] += len(idx)
-            return self._generate_labels(chunk_seeds, sched, stochastic, amp, progress, decode_tile_size, ctx, nctx,
-                                         guidance_scale)
+            return self._generate_labels(chunk_seeds, new_scheduler, stochastic, amp, progress, decode_tile_size, ctx,
+                                         nctx, guidance_scale)
 
         def checked_labels(idx: list[int]) -> torch.Tensor:
             # 1. labels, regenerating those whose measured volumes miss the request (rejection sampling)
@@ -546,8 +573,8 @@ class DuoDiffusion:
             idx = list(range(start, stop))
             lab = checked_labels(idx)
             # 2. images for the labels
-            img = self._generate_images(lab, [seeds[i] for i in idx], sched, stochastic, conditioning_scale, amp,
-                                        progress, decode_tile_size)
+            img = self._generate_images(lab, [seeds[i] for i in idx], new_scheduler, stochastic, conditioning_scale,
+                                        amp, progress, decode_tile_size)
             # 3. pair-consistency QC: regenerate pairs whose image does not show its label
             for attempt in range(1, max_retries + 2):
                 if qc is None:
@@ -564,7 +591,7 @@ class DuoDiffusion:
                     seeds[idx[j]] = retry_seed(seeds[idx[j]], 100 + attempt)
                 sub = [idx[j] for j in bad]
                 new_lab = checked_labels(sub)
-                new_img = self._generate_images(new_lab, [seeds[i] for i in sub], sched, stochastic,
+                new_img = self._generate_images(new_lab, [seeds[i] for i in sub], new_scheduler, stochastic,
                                                 conditioning_scale, amp, progress, decode_tile_size)
                 lab, img = lab.clone(), img.clone()
                 lab[bad], img[bad] = new_lab, new_img
@@ -587,7 +614,7 @@ class DuoDiffusion:
         batch_size: int | None = None,
         num_inference_steps: int = 50,
         scheduler: str = "ddim",
-        dtype: str | torch.dtype | None = None,
+        dtype: str | torch.dtype | None = "auto",
         class_volumes: Mapping[str | int, float] | Sequence[Mapping[str | int, float]] | None = None,
         guidance_scale: float = 1.0,
         progress: bool = True,
@@ -601,12 +628,13 @@ class DuoDiffusion:
         """
         seeds = self._resolve_seeds(num_samples, seed, generator)
         bs = self._batch_size(num_samples, batch_size)
-        sched, amp = self._prepare(scheduler, num_inference_steps, 1.0, dtype)
+        new_scheduler, amp = self._prepare(scheduler, num_inference_steps, 1.0, dtype)
         _, _, context, null_context = self._attribute_context(class_volumes, num_samples)
         out = []
         for start in range(0, num_samples, bs):
             sl = slice(start, start + bs)
-            out.append(self._generate_labels(seeds[sl], sched, is_stochastic(scheduler), amp, progress, "auto",
+            out.append(self._generate_labels(seeds[sl], new_scheduler, is_stochastic(scheduler), amp, progress,
+                                             "auto",
                                              None if context is None else context[sl],
                                              None if null_context is None else null_context[sl],
                                              guidance_scale).cpu())
@@ -623,7 +651,7 @@ class DuoDiffusion:
         num_inference_steps: int = 50,
         scheduler: str = "ddim",
         conditioning_scale: float = 1.0,
-        dtype: str | torch.dtype | None = None,
+        dtype: str | torch.dtype | None = "auto",
         decode_tile_size: TileSize = "auto",
         progress: bool = True,
     ) -> DuoSample:
@@ -641,12 +669,12 @@ class DuoDiffusion:
         n = int(lab.shape[0])
         seeds = self._resolve_seeds(n, seed, generator)
         bs = self._batch_size(n, batch_size)
-        sched, amp = self._prepare(scheduler, num_inference_steps, conditioning_scale, dtype)
+        new_scheduler, amp = self._prepare(scheduler, num_inference_steps, conditioning_scale, dtype)
         stochastic = is_stochastic(scheduler)
         check_tile_size(decode_tile_size)
 
         def images(start: int, stop: int) -> torch.Tensor:
-            return self._generate_images(lab[start:stop], seeds[start:stop], sched, stochastic, conditioning_scale,
-                                         amp, progress, decode_tile_size)
+            return self._generate_images(lab[start:stop], seeds[start:stop], new_scheduler, stochastic,
+                                         conditioning_scale, amp, progress, decode_tile_size)
 
         return self._result(self._batched(n, bs, images), [lab], seeds, decode_tile_size, stages=("image",))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .schedulers import STOCHASTIC_SAMPLERS
+from .schedulers import STOCHASTIC_SAMPLERS, Sampler
 
 __all__ = ["stage_generators", "initial_noise", "denoise"]
 
@@ -52,7 +52,7 @@ def initial_noise(
 
 def denoise(
     unet: nn.Module,
-    scheduler,
+    scheduler: Sampler,
     latents: torch.Tensor,
     *,
     generators: Sequence[torch.Generator],
@@ -70,7 +70,9 @@ def denoise(
 
     Args:
         unet: a MONAI ``DiffusionModelUNet``.
-        scheduler: a MONAI scheduler on which ``set_timesteps`` was called.
+        scheduler: a fresh sampler from :func:`duodiff.schedulers.make_scheduler` on which ``set_timesteps`` was
+            called. Multistep samplers (PNDM, DPM-Solver++, UniPC) keep the previous steps' outputs: use a new
+            one for every call.
         latents: float32 ``(B, C, h, w, d)`` initial noise.
         generators: one CPU generator per sample; used for the per-step noise of stochastic samplers.
         stochastic: whether ``scheduler.step`` draws noise (DDPM); then the step runs per sample so

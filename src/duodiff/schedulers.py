@@ -1,31 +1,117 @@
-"""Samplers over MONAI's schedulers, all built from the one training schedule.
+"""Samplers, all built from the one training schedule: MONAI's, and diffusers' few-step solvers (optional).
 
-``make_scheduler("ddim", cfg)`` returns a fresh MONAI scheduler; the sampling loop only uses the
-tiny contract ``set_timesteps(n)`` + ``timesteps`` + ``step(model_output, t, sample)``.
+``make_scheduler("ddim", cfg)`` returns a fresh scheduler; the sampling loop only uses the tiny contract
+``set_timesteps(n, device=...)`` + ``timesteps`` + ``step(model_output, t, sample)[0]`` (the previous sample).
+
+* ``"ddpm"``, ``"ddim"``, ``"pndm"``: MONAI's schedulers (``monai.networks.schedulers``).
+* ``"dpmsolver++"`` (DPM-Solver++ 2M, Lu et al. 2022) and ``"unipc"`` (UniPC-bh2, Zhao et al. 2023): multistep
+  ODE solvers made for 10-20 steps, from diffusers (``pip install "duodiff[samplers]"``). They are given the
+  trained schedule's exact betas (``trained_betas``) and ``prediction_type``; second order with a first-order
+  last step (``lower_order_final``) that ends at sigma 0 (``final_sigmas_type="zero"``: a clean sample, as
+  MONAI's DDIM with ``set_alpha_to_one``). Their steps are spaced uniformly in log-SNR (DPM-Solver++:
+  ``use_lu_lambdas``, as in Lu et al.) or log-sigma (UniPC: ``use_exponential_sigmas``) from ``t = T - 1`` down to
+  ``t = 0``. On Gaussian data, where the exact ODE solution is known (``tests/test_schedulers.py``, mean 0.5,
+  std 0.5), that spacing gives 2-4 % error at 10 steps and under 1 % at 20, where MONAI's DDIM gives 12 % and
+  10 %; diffusers' default ``timestep_spacing="linspace"`` gave 10 % and 4 % (std 1) or 46 % and 30 % (std 0.3):
+  its last model call is at ``t = T / n``, so its result is the posterior mean there. With 50 or more steps a
+  few steps near ``t = 0`` share an integer timestep.
+
+Multistep samplers (PNDM, DPM-Solver++, UniPC) keep the previous steps' model outputs: a scheduler serves one
+denoising run. Make a new one for every call of :func:`duodiff.sampling.denoise`.
 """
 
 from __future__ import annotations
 
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler, Scheduler
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import SchedulerConfig
 
-__all__ = ["SAMPLERS", "STOCHASTIC_SAMPLERS", "make_scheduler", "check_num_inference_steps"]
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
-#: Sampler names accepted by ``DuoDiffusion.sample(scheduler=...)``.
-SAMPLERS = ("ddpm", "ddim", "pndm")
+__all__ = [
+    "SAMPLERS",
+    "STOCHASTIC_SAMPLERS",
+    "DIFFUSERS_SAMPLERS",
+    "Sampler",
+    "DiffusersSampler",
+    "make_scheduler",
+    "check_scheduler_name",
+    "check_num_inference_steps",
+]
+
+#: Sampler names accepted by ``DuoDiffusion.sample(scheduler=...)`` and ``duodiff sample --scheduler``.
+SAMPLERS = ("ddpm", "ddim", "pndm", "dpmsolver++", "unipc")
 #: Samplers that draw fresh noise at every step (seeded per sample by the sampling loop).
 STOCHASTIC_SAMPLERS = ("ddpm",)
+#: Samplers taken from diffusers (the ``samplers`` extra): name -> diffusers class name.
+DIFFUSERS_SAMPLERS = {"dpmsolver++": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}
+
+#: duodiff's (MONAI's) ``prediction_type`` -> diffusers' name for the same parametrisation.
+_DIFFUSERS_PREDICTION_TYPE = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample"}
 
 
-def make_scheduler(name: str, cfg: SchedulerConfig) -> Scheduler:
-    """A fresh MONAI scheduler named ``name`` with the training schedule ``cfg``.
+class Sampler(Protocol):
+    """What :func:`duodiff.sampling.denoise` needs of a scheduler."""
+
+    timesteps: torch.Tensor
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None: ...
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor) -> tuple[torch.Tensor, Any]: ...
+
+
+class DiffusersSampler:
+    """A diffusers multistep scheduler behind duodiff's sampler contract.
+
+    ``step`` returns ``(previous sample, None)`` like MONAI's ``(previous sample, predicted x0)``; the wrapped
+    scheduler is ``.scheduler``.
 
     Args:
-        name: ``"ddpm"``, ``"ddim"`` or ``"pndm"`` (case-insensitive).
-        cfg: the schedule the UNets were trained with.
+        scheduler: a diffusers ``SchedulerMixin`` (e.g. ``DPMSolverMultistepScheduler``).
     """
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """int64 ``(num_inference_steps,)`` timesteps, first (noisiest) first."""
+        return self.scheduler.timesteps
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """One solver step: ``x_t`` (``sample``, float32 ``(B, C, h, w, d)``) -> ``x_{t-1}``, same shape."""
+        return self.scheduler.step(model_output, timestep, sample, return_dict=False)[0], None
+
+    def __repr__(self) -> str:
+        return f"DiffusersSampler({type(self.scheduler).__name__})"
+
+
+def check_scheduler_name(name: str) -> str:
+    """The lower-case sampler name; ``ValueError`` if it is not one of :data:`SAMPLERS`."""
     key = name.lower() if isinstance(name, str) else name
+    if key not in SAMPLERS:
+        raise ValueError(f"scheduler must be one of {list(SAMPLERS)}, got {name!r}.")
+    return key
+
+
+def make_scheduler(name: str, cfg: SchedulerConfig) -> Sampler:
+    """A fresh sampler named ``name`` for the training schedule ``cfg``.
+
+    Args:
+        name: one of :data:`SAMPLERS` (case-insensitive).
+        cfg: the schedule the UNets were trained with (``num_train_timesteps``, betas, ``prediction_type``).
+
+    Raises:
+        ValueError: unknown ``name``.
+        ImportError: ``"dpmsolver++"`` / ``"unipc"`` without diffusers installed; the message says what to install.
+    """
+    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+
+    key = check_scheduler_name(name)
     common = dict(
         num_train_timesteps=cfg.num_train_timesteps,
         schedule=cfg.schedule,
@@ -39,7 +125,39 @@ def make_scheduler(name: str, cfg: SchedulerConfig) -> Scheduler:
         return DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common)
     if key == "pndm":
         return PNDMScheduler(skip_prk_steps=True, **common)
-    raise ValueError(f"scheduler must be one of {list(SAMPLERS)}, got {name!r}.")
+    # diffusers' solvers get MONAI's betas of the same schedule, so both sample the model's trained process
+    betas = DDPMScheduler(**common).betas
+    return _diffusers_sampler(key, cfg, betas)
+
+
+def _diffusers_sampler(key: str, cfg: SchedulerConfig, betas: torch.Tensor) -> DiffusersSampler:
+    """``"dpmsolver++"`` / ``"unipc"`` from diffusers with the trained ``betas`` (float32 ``(T,)``)."""
+    install = 'pip install "duodiff[samplers]" (in a clone of duodiff: pip install -e ".[samplers]")'
+    try:
+        from diffusers import schedulers as diffusers_schedulers
+
+        cls = getattr(diffusers_schedulers, DIFFUSERS_SAMPLERS[key])
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "diffusers":
+            raise
+        raise ImportError(f"scheduler={key!r} needs diffusers, which is not installed: {install}, or use "
+                          "scheduler='ddim'.", name="diffusers") from e
+    except (ImportError, AttributeError) as e:
+        raise ImportError(f"scheduler={key!r} needs diffusers >= 0.30; the installed one failed to provide "
+                          f"{DIFFUSERS_SAMPLERS[key]} ({e}). Update it: {install}.", name="diffusers") from e
+    common: dict[str, Any] = dict(
+        num_train_timesteps=cfg.num_train_timesteps,
+        trained_betas=betas.double().tolist(),
+        prediction_type=_DIFFUSERS_PREDICTION_TYPE[cfg.prediction_type],
+        solver_order=2,
+        lower_order_final=True,
+        final_sigmas_type="zero",
+        thresholding=False,
+    )
+    if key == "dpmsolver++":
+        return DiffusersSampler(cls(algorithm_type="dpmsolver++", solver_type="midpoint", use_lu_lambdas=True,
+                                    **common))
+    return DiffusersSampler(cls(predict_x0=True, solver_type="bh2", use_exponential_sigmas=True, **common))
 
 
 def check_num_inference_steps(num_inference_steps: int, cfg: SchedulerConfig) -> None:

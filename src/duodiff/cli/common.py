@@ -22,8 +22,8 @@ def positive_int(text: str) -> int:
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     """``--threads N``: torch's intra-op CPU threads for the whole command (applied by ``duodiff.cli.main``)."""
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="torch intra-op CPU threads for this command (default: torch's own, OMP_NUM_THREADS or "
-                        "one per core); 1 is steadier on a machine shared with other jobs")
+                   help="torch intra-op CPU threads for this command (default: OMP_NUM_THREADS if set, else the "
+                        "cores other processes leave free: all on an idle machine, 1 beside another CPU-bound job)")
 
 
 def say(message: str, enabled: bool = True) -> None:

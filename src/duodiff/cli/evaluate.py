@@ -20,6 +20,8 @@ from .common import (
 
 
 def add_parser(sub) -> None:
+    from ..schedulers import SAMPLERS
+
     p = sub.add_parser(
         "evaluate", help="score synthetic pairs against real ones and write a report",
         description="Generate N pairs (or read --synthetic), compare them with real pairs from an MSD / nnU-Net "
@@ -40,10 +42,11 @@ def add_parser(sub) -> None:
                    help="percentile-normalise --synthetic images like the real ones (when they are not in [0, 1])")
     p.add_argument("--steps", type=positive_int, default=50, help="denoising steps per stage (default 50)")
     p.add_argument("--seed", type=int, default=0, help="first sample seed; also seeds the segmenter (default 0)")
-    p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "pndm"])
+    p.add_argument("--scheduler", default="ddim", choices=SAMPLERS,
+                   help="sampler (default ddim; dpmsolver++ and unipc need pip install \"duodiff[samplers]\")")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default="cpu", help="torch device for generation, e.g. cpu or cuda:0")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype for generation")
     p.add_argument("--segmenter", default=None, metavar="DIR",
                    help="load a segmenter saved by an earlier run (DIR with segmenter.safetensors) instead of "

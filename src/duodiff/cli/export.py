@@ -16,6 +16,8 @@ def _names(text: str) -> list[str]:
 
 
 def add_parser(sub) -> None:
+    from ..schedulers import SAMPLERS
+
     p = sub.add_parser("export", help="export pairs for other tools (nnU-Net)",
                        description="Export real and synthetic pairs in another tool's dataset format.")
     formats = p.add_subparsers(dest="format", metavar="FORMAT")
@@ -40,10 +42,11 @@ def add_parser(sub) -> None:
                    help="image channel names (default: from dataset.json, else MRI)")
     n.add_argument("--seed", type=int, default=0, help="first seed when generating (default 0)")
     n.add_argument("--steps", type=positive_int, default=50, help="denoising steps per stage (default 50)")
-    n.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "pndm"])
+    n.add_argument("--scheduler", default="ddim", choices=SAMPLERS,
+                   help="sampler (default ddim; dpmsolver++ and unipc need pip install \"duodiff[samplers]\")")
     n.add_argument("--batch-size", type=positive_int, default=4)
     n.add_argument("--device", default=None, help="torch device for generation, e.g. cpu or cuda:0")
-    n.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="autocast dtype")
+    n.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"], help="autocast dtype")
     n.add_argument("--prefix", default="duodiff", help="synthetic case-name prefix (default duodiff)")
     n.add_argument("--overwrite", action="store_true", help="replace an existing DatasetXXX_NAME folder")
     n.add_argument("--no-progress", action="store_true", help="hide progress bars and the lines announcing each phase")

@@ -7,7 +7,8 @@ dependency, running out of memory), reported in one line that names the exceptio
 ``--debug``; ``130`` interrupted. ``--debug`` (anywhere on the line) shows the full traceback instead.
 
 Every command takes ``--threads N`` (torch's intra-op CPU threads for the command; ``duodiff bench`` passes it to
-its script), and long commands say on stderr what they are doing before each phase.
+its script; default: the cores other processes leave free, 1 on a busy machine, unless ``OMP_NUM_THREADS`` is
+set), and long commands say on stderr what they are doing before each phase.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import contextlib
 import errno
 import importlib
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -83,12 +85,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _threads(num_threads: int | None) -> typing.ContextManager[None]:
-    """``--threads N``: the command runs with ``N`` intra-op CPU threads (``duodiff.threads.intra_op_threads``)."""
-    if num_threads is None:
-        return contextlib.nullcontext()
-    from ..threads import intra_op_threads
+    """``--threads N``: the command runs with ``N`` intra-op CPU threads (``duodiff.threads.intra_op_threads``).
 
-    return intra_op_threads(num_threads)
+    Without ``--threads`` and ``OMP_NUM_THREADS``, with as many as other processes leave free
+    (``duodiff.threads.threads_for_load``): all cores on an idle machine, 1 beside another CPU-bound job, where
+    torch's default of one spinning OpenMP thread per core ran 8-10x slower (``benchmarks/oversubscription.py``).
+    """
+    if num_threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return contextlib.nullcontext()
+    from ..threads import intra_op_threads, threads_for_load
+
+    return intra_op_threads(threads_for_load() if num_threads is None else num_threads)
 
 
 def build_parser() -> argparse.ArgumentParser:

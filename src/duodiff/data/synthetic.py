@@ -149,8 +149,11 @@ class SyntheticPairDataset(Dataset):
         num_samples: number of pairs (map-style), or ``None`` for an endless stream.
         seed: seed of item 0 (map-style) or first seed of the stream.
         num_inference_steps: denoising steps per stage.
-        scheduler: ``"ddim"``, ``"ddpm"`` or ``"pndm"``.
-        dtype: autocast dtype for generation (``None``, ``"bfloat16"``, ``"float16"``).
+        scheduler: a sampler of :data:`duodiff.schedulers.SAMPLERS` (``"ddim"``, ``"dpmsolver++"``, ...).
+        dtype: autocast dtype for generation: ``"auto"`` (default; the fastest dtype within tolerance of float32,
+            :mod:`duodiff.precision`), ``None``/``"float32"``, ``"bfloat16"``, ``"float16"``. ``"auto"`` is resolved
+            once, here, with ``num_threads`` threads, so every worker and the cache use the same dtype; the
+            resolved name is in ``generation["dtype"]``.
         conditioning_scale: ControlNet residual multiplier.
         transform: callable applied to every item dict (MONAI dict transforms, a ``Compose``, ...).
         cache_dir: map-style only: keep generated pairs as safetensors files in
@@ -190,7 +193,7 @@ class SyntheticPairDataset(Dataset):
         seed: int = 0,
         num_inference_steps: int = 50,
         scheduler: str = "ddim",
-        dtype: str | torch.dtype | None = None,
+        dtype: str | torch.dtype | None = "auto",
         conditioning_scale: float = 1.0,
         transform: Callable[[dict[str, Any]], Any] | None = None,
         cache_dir: str | os.PathLike | None = None,
@@ -202,7 +205,8 @@ class SyntheticPairDataset(Dataset):
         num_threads: int | None = GENERATION_THREADS,
     ) -> None:
         from ..pipeline import DuoDiffusion
-        from ..schedulers import check_num_inference_steps
+        from ..precision import choose_dtype, is_auto
+        from ..schedulers import check_num_inference_steps, check_scheduler_name
 
         if not isinstance(pipe, DuoDiffusion):
             raise TypeError(
@@ -217,6 +221,7 @@ class SyntheticPairDataset(Dataset):
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
         check_num_inference_steps(num_inference_steps, pipe.config.scheduler)
+        check_scheduler_name(scheduler)
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable (e.g. a monai.transforms.Compose), got {transform!r}.")
         for name, value in (("pool_size", pool_size), ("generation_batch_size", generation_batch_size)):
@@ -233,6 +238,10 @@ class SyntheticPairDataset(Dataset):
                 "rank/world_size shard streaming datasets only. A map-style dataset is sharded by its sampler: "
                 "use torch.utils.data.DistributedSampler or duodiff.MixedBatchSampler(rank=..., num_replicas=...)."
             )
+        check_num_threads(num_threads)
+        if is_auto(dtype):  # once, here: workers and the cache fingerprint must all see the same dtype
+            with intra_op_threads(num_threads, pipe.device):
+                dtype = str(choose_dtype(pipe, num_inference_steps)).removeprefix("torch.")
         self.pipe = pipe
         self.num_samples = num_samples
         self.seed = int(seed)
@@ -257,7 +266,6 @@ class SyntheticPairDataset(Dataset):
             ))
         self._dtype = dtype
         self.transform = transform
-        check_num_threads(num_threads)
         self.num_threads = num_threads
         self.pool_size = pool_size
         self.generation_batch_size = generation_batch_size
