@@ -1,13 +1,8 @@
 """Named Duo-Diffusion architectures.
 
 * ``"tiny"``: for tests and docs; 16-32 voxel volumes, channels (8, 16); seconds on a CPU.
-* ``"hippocampus"``: CPU-trainable, 32 x 48 x 32 voxels at 1 mm (MSD Task04 hippocampus crops). Image side: the
-  fidelity recipe of ``docs/training.md`` (2x-downsampling image autoencoder with 8 latent channels, a 4-level
-  image UNet); label side: 4x, 3 latent channels.
-* ``"paper"``: FOSCU liver-MRI scale, 160 x 160 x 64, channels close to MONAI's 3D LDM recipe; the image latent has
-  8 channels (4x downsampling kept at this size).
-
-Changing a preset never changes a saved model: saved models carry their whole configuration.
+* ``"hippocampus"``: CPU-trainable, 32 x 48 x 32 voxels at 1 mm (MSD Task04 hippocampus crops).
+* ``"paper"``: FOSCU liver-MRI scale, 160 x 160 x 64, channels close to MONAI's 3D LDM recipe.
 """
 
 from __future__ import annotations
@@ -85,20 +80,17 @@ def make_config(
     elif name == "hippocampus":
         label_ae = dict(channels=(16, 32, 32), num_res_blocks=(1, 1, 1), attention_levels=(False, False, False),
                         latent_channels=3, norm_num_groups=16)
-        # the fidelity recipe (docs/training.md): a 2x image latent with 8 channels, a 4-level image UNet
-        ae = dict(channels=(32, 64), num_res_blocks=(1, 1), attention_levels=(False, False), latent_channels=8,
-                  norm_num_groups=16)
+        ae = dict(channels=(16, 32, 32), num_res_blocks=(1, 1, 1), attention_levels=(False, False, False),
+                  latent_channels=3, norm_num_groups=16)
         label_unet = dict(channels=(32, 64, 64), num_res_blocks=(1, 1, 1), attention_levels=(False, True, True),
                           norm_num_groups=16, num_head_channels=16)
-        unet = dict(channels=(16, 32, 64, 64), num_res_blocks=(1, 1, 1, 1),
-                    attention_levels=(False, False, True, True), norm_num_groups=16, num_head_channels=16)
+        unet = label_unet
         cond = (16, 32, 32)
     else:  # paper
         label_ae = dict(channels=(32, 64, 64), num_res_blocks=(1, 1, 1), attention_levels=(False, False, False),
                         latent_channels=3, norm_num_groups=32)
-        # 4x kept at this size (a 2x latent would make every diffusion step ~8x costlier); 8 latent channels
         ae = dict(channels=(32, 64, 64), num_res_blocks=(1, 1, 1), attention_levels=(False, False, False),
-                  latent_channels=8, norm_num_groups=32)
+                  latent_channels=3, norm_num_groups=32)
         label_unet = dict(channels=(64, 128, 256), num_res_blocks=(2, 2, 2), attention_levels=(False, True, True),
                           norm_num_groups=32, num_head_channels=32)
         unet = label_unet
