@@ -22,9 +22,17 @@ Quality parity (needs a trained model: ``--model`` or the bundled one): label-vo
 of N label maps from duodiff DDIM-50 (low precision) against N from the MONAI DDPM-1000 fp32
 baseline; each foreground class's mean volume must agree within 10 %.
 
+Issue 16 parts (``--parts``): ``sweep`` samples the same seeds with DDIM, DPM-Solver++ and UniPC at 5-50 steps
+and compares each set with DDIM-50 (per-class median label volume, pair consistency with the segmenter of
+``docs/results/evaluate``, FID-2.5D on that segmenter's encoder) and prints the fastest row at equal quality
+(``EQUAL_QUALITY``), with a plot of seconds per pair against each measure (``*_sweep.png``); ``dtypes`` times each
+stage in float32, the low-precision dtype and ``dtype="auto"``'s choice (and auto's first-use cost); ``load`` times
+``duodiff sample -n 4`` with default settings beside 0 and 1 busy loops (wants an otherwise idle machine).
+
 Examples::
 
-    python benchmarks/bench_sampling.py                       # CPU defaults, results in benchmarks/results/
+    python benchmarks/bench_sampling.py --parts timing sweep dtypes load   # the full CPU run (~40 min, idle machine)
+    python benchmarks/bench_sampling.py --parts sweep                      # only the quality-vs-steps sweep
     python benchmarks/bench_sampling.py --device cuda --preset paper --batch-sizes 1 4 8 --dtypes float16
     duodiff bench -- --quick                                  # the same script through the CLI
 """
@@ -329,6 +337,303 @@ def parity(pipe, device, dtype: str, n: int, seed: int = 1000) -> dict[str, Any]
     }
 
 
+# ------------------------------------------------------------------------------------------- quality vs steps
+#: Samplers and step counts of the sweep (each stage runs ``steps`` steps).
+SWEEP_SAMPLERS = ("ddim", "dpmsolver++", "unipc")
+SWEEP_STEPS = (5, 10, 15, 20, 30, 50)
+#: Equal quality to the DDIM-50 reference: per-class median label volume within 5 %, mean pair-consistency Dice
+#: within 0.02, FID-2.5D within 10 % of the reference's FID (issue 16).
+EQUAL_QUALITY = {"label_median": 0.05, "consistency": 0.02, "fid": 0.10}
+DEFAULT_SEGMENTER = Path(__file__).resolve().parents[1] / "docs" / "results" / "evaluate"
+
+
+def load_segmenter(path: str | None, num_classes: int):
+    """The pair-consistency segmenter (its encoder is the FID feature network), or ``(None, why)``."""
+    from duodiff.segmenter import SliceSegmenter
+
+    folder = Path(path) if path else DEFAULT_SEGMENTER
+    if not (folder / "segmenter.json").is_file():
+        return None, f"no segmenter in {folder} (pass --segmenter DIR written by `duodiff evaluate`)"
+    seg = SliceSegmenter.load(folder)
+    if seg.num_classes != num_classes:
+        return None, f"the segmenter in {folder} predicts {seg.num_classes} classes, the model {num_classes}"
+    return seg, str(folder)
+
+
+def sample_timed(pipe, sampler: str, steps: int, seeds: list[int], dtype: str, batch: int):
+    """``(DuoSample, seconds per pair)`` of ``pipe.sample`` over ``seeds`` in batches of ``batch``."""
+    t0 = time.perf_counter()
+    out = pipe.sample(len(seeds), seed=seeds, num_inference_steps=steps, scheduler=sampler, dtype=dtype,
+                      batch_size=batch, progress=False)
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize(pipe.device)
+    return out, (time.perf_counter() - t0) / len(seeds)
+
+
+def quality(out, ref, segmenter, fid_images: torch.Tensor | None, num_classes: int) -> dict[str, Any]:
+    """Quality of one sample set against the reference set ``ref`` (same seeds): label-volume medians, pair
+    consistency (mean foreground Dice of ``segmenter(image)`` vs label) and FID-2.5D against ``fid_images``."""
+    from duodiff.metrics import class_volumes, pair_consistency
+    from duodiff.metrics.features import slice_features
+    from duodiff.metrics.fid import frechet_distance
+    from duodiff.segmenter import PLANES
+
+    med = torch.as_tensor(class_volumes(out.labels, num_classes)).median(0).values
+    ref_med = torch.as_tensor(class_volumes(ref.labels, num_classes)).median(0).values
+    res: dict[str, Any] = {
+        "label_median_voxels": med.tolist(),
+        "label_median_rel_diff": [float(abs(a - b) / max(float(b), 1.0)) for a, b in zip(med, ref_med)],
+        "label_agreement": float((out.labels == ref.labels).float().mean()),
+    }
+    res["label_median_max_rel_diff"] = max(res["label_median_rel_diff"])
+    if segmenter is not None:
+        with torch.inference_mode():
+            res["consistency"] = pair_consistency(out.images, out.labels, segmenter, num_classes=num_classes)[
+                "mean_dice"]
+            if fid_images is not None:
+                per_plane = [frechet_distance(slice_features(fid_images, segmenter.encoder, p),
+                                              slice_features(out.images, segmenter.encoder, p)) for p in PLANES]
+                res["fid"] = sum(per_plane) / len(per_plane)
+    return res
+
+
+def equal_quality(row: dict[str, Any], reference: dict[str, Any]) -> bool | None:
+    """Whether ``row`` meets :data:`EQUAL_QUALITY` against the reference row (None: nothing to compare)."""
+    checks = [row["label_median_max_rel_diff"] <= EQUAL_QUALITY["label_median"]]
+    if "consistency" in row and "consistency" in reference:
+        checks.append(row["consistency"] >= reference["consistency"] - EQUAL_QUALITY["consistency"])
+    if "fid" in row and "fid" in reference:
+        checks.append(row["fid"] <= reference["fid"] * (1 + EQUAL_QUALITY["fid"]))
+    return all(checks)
+
+
+def quality_sweep(pipe, args, device: torch.device) -> dict[str, Any]:
+    """Seconds per pair and quality of each sampler at each step count, against a DDIM reference."""
+    from duodiff.precision import choose_dtype, is_auto
+    from duodiff.schedulers import DIFFUSERS_SAMPLERS
+
+    k = pipe.config.num_classes
+    dtype = args.sweep_dtype
+    if is_auto(dtype):
+        dtype = str(choose_dtype(pipe, args.sweep_reference_steps)).removeprefix("torch.")
+    segmenter, seg_note = load_segmenter(args.segmenter, k)
+    if segmenter is not None:
+        segmenter = segmenter.to(device)
+    seeds = list(range(args.sweep_seed, args.sweep_seed + args.sweep_samples))
+    batch = min(args.sweep_batch, len(seeds))
+    samplers = []
+    for s in args.sweep_samplers:
+        if s in DIFFUSERS_SAMPLERS:
+            try:
+                import diffusers  # noqa: F401
+            except ImportError:
+                print(f"sweep: skipping {s}: diffusers is not installed (pip install -e '.[samplers]')", flush=True)
+                continue
+        samplers.append(s)
+    sweep: dict[str, Any] = {"dtype": dtype, "num_samples": len(seeds), "batch": batch, "segmenter": seg_note,
+                             "reference_sampler": f"ddim-{args.sweep_reference_steps}", "equal_quality": EQUAL_QUALITY,
+                             "rows": []}
+    print(f"sweep: reference DDIM-{args.sweep_reference_steps}, {len(seeds)} pairs, {dtype}, batch {batch} ...",
+          flush=True)
+    pipe.sample(1, seed=0, num_inference_steps=2, dtype=dtype, progress=False)  # warm-up
+    ref, ref_s = sample_timed(pipe, "ddim", args.sweep_reference_steps, seeds, dtype, batch)
+    fid_images, fid_note = None, None
+    if segmenter is not None:
+        if args.real:
+            from duodiff.metrics import load_pairs
+
+            real = load_pairs(args.real, volume_shape=pipe.config.volume_shape,
+                              intensity_percentiles=getattr(pipe.config, "intensity_percentiles", None),
+                              max_cases=args.sweep_samples * 4)
+            fid_images, fid_note = real.images, f"{len(real)} real pairs from {args.real}"
+        else:  # an independent reference set: FID measures distance to the reference distribution
+            other = [s + 100_000 for s in seeds]
+            fid_images = sample_timed(pipe, "ddim", args.sweep_reference_steps, other, dtype, batch)[0].images
+            fid_note = (f"{len(other)} DDIM-{args.sweep_reference_steps} pairs with other seeds (no --real); the "
+                        "reference's own FID is the noise floor of this sample size")
+    sweep["fid_reference"] = fid_note
+    reference = {"sampler": "ddim", "steps": args.sweep_reference_steps, "seconds_per_pair": ref_s,
+                 **quality(ref, ref, segmenter, fid_images, k)}
+    sweep["reference"] = reference
+    print(f"sweep: reference {ref_s:.2f} s/pair, consistency {reference.get('consistency')}, "
+          f"FID {reference.get('fid')}", flush=True)
+    for sampler in samplers:
+        for steps in args.sweep_steps:
+            out, s_per_pair = sample_timed(pipe, sampler, steps, seeds, dtype, batch)
+            row = {"sampler": sampler, "steps": steps, "seconds_per_pair": s_per_pair,
+                   **quality(out, ref, segmenter, fid_images, k)}
+            row["equal_quality"] = equal_quality(row, reference)
+            sweep["rows"].append(row)
+            print(f"sweep: {sampler:11s} {steps:3d} steps: {s_per_pair:6.2f} s/pair, label medians "
+                  f"{row['label_median_max_rel_diff']:.1%} off, consistency {row.get('consistency', float('nan')):.3f},"
+                  f" FID {row.get('fid', float('nan')):.2f} -> equal quality: {row['equal_quality']}", flush=True)
+    passing = [r for r in sweep["rows"] if r["equal_quality"]]
+    best = min(passing, key=lambda r: r["seconds_per_pair"]) if passing else None
+    sweep["fastest_equal_quality"] = None if best is None else {
+        "sampler": best["sampler"], "steps": best["steps"], "seconds_per_pair": best["seconds_per_pair"],
+        "speedup_vs_reference": ref_s / best["seconds_per_pair"]}
+    return sweep
+
+
+def markdown_sweep(sweep: dict[str, Any], label_names: Sequence[str]) -> list[str]:
+    ref = sweep["reference"]
+    eq = sweep["equal_quality"]
+    lines = ["", f"## Quality vs steps ({sweep['num_samples']} pairs per row, {sweep['dtype']}, "
+             f"batch {sweep['batch']})", "",
+             f"Reference: {sweep['reference_sampler']} on the same seeds ({ref['seconds_per_pair']:.2f} s/pair). "
+             f"Equal quality: every class's median label volume within {eq['label_median']:.0%} of the reference, "
+             f"pair consistency (mean foreground Dice of the segmenter, {sweep['segmenter']}) at most "
+             f"{eq['consistency']} below it, FID-2.5D at most {eq['fid']:.0%} above it (FID against "
+             f"{sweep['fid_reference']}).", "",
+             "| sampler | steps | s / pair | label median diff (" + ", ".join(label_names[1:]) + ") | "
+             "label voxels = reference | consistency | FID-2.5D | equal quality |",
+             "|---|---:|---:|---|---:|---:|---:|---|"]
+
+    def fmt(r):
+        diffs = ", ".join(f"{d:.1%}" for d in r["label_median_rel_diff"])
+        cons = f"{r['consistency']:.3f}" if "consistency" in r else "-"
+        fid = f"{r['fid']:.2f}" if "fid" in r else "-"
+        return f"{r['seconds_per_pair']:.2f} | {diffs} | {r['label_agreement']:.3f} | {cons} | {fid}"
+
+    lines.append(f"| ddim (reference) | {ref['steps']} | {fmt(ref)} | - |")
+    for r in sweep["rows"]:
+        lines.append(f"| {r['sampler']} | {r['steps']} | {fmt(r)} | {'yes' if r['equal_quality'] else 'no'} |")
+    best = sweep["fastest_equal_quality"]
+    lines.append("")
+    lines.append("Fastest at equal quality: " + ("none of the rows" if best is None else
+                 f"**{best['sampler']}-{best['steps']}**, {best['seconds_per_pair']:.2f} s/pair, "
+                 f"{best['speedup_vs_reference']:.1f}x the reference") + ".")
+    return lines
+
+
+def plot_sweep(sweep: dict[str, Any], path: Path, title: str) -> None:
+    """Seconds per pair (x, log) against each quality measure (one panel each), a line per sampler."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = sweep["reference"]
+    panels = [("label_median_max_rel_diff", "largest class median-volume difference vs reference")]
+    panels += [(k, n) for k, n in (("consistency", "pair consistency (mean Dice)"), ("fid", "FID-2.5D"))
+               if k in ref]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels):
+        for sampler in dict.fromkeys(r["sampler"] for r in sweep["rows"]):
+            rows = [r for r in sweep["rows"] if r["sampler"] == sampler]
+            ax.plot([r["seconds_per_pair"] for r in rows], [r[key] for r in rows], "o-", label=sampler)
+            for r in rows:
+                ax.annotate(str(r["steps"]), (r["seconds_per_pair"], r[key]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.plot([ref["seconds_per_pair"]], [ref[key]], "k*", ms=10, label=sweep["reference_sampler"])
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds per pair (log)")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------- dtype table
+def dtype_table(pipe, device: torch.device, dtypes: Sequence[str], steps: int, repeats: int) -> dict[str, Any]:
+    """Seconds per stage of DDIM-``steps``, batch 1, in each fixed dtype and in ``dtype="auto"``'s choice.
+
+    ``auto``'s first use on a model (timing the candidates, :mod:`duodiff.precision`) is measured separately with
+    an empty cache; its rows then time the chosen dtype like the others. Repeats are interleaved across dtypes
+    and each stage keeps its fastest run.
+    """
+    import tempfile
+
+    from duodiff import precision
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.pop(precision.AUTO_DTYPE_ENV, None)
+        t0 = time.perf_counter()
+        chosen = precision.choose_dtype(pipe, steps, cache_path=Path(tmp) / precision.CACHE_FILE)
+        first_use_s = time.perf_counter() - t0
+        key = precision.cache_key(pipe)
+        trials = json.loads((Path(tmp) / precision.CACHE_FILE).read_text())["entries"][key]["trials"] \
+            if (Path(tmp) / precision.CACHE_FILE).is_file() else None
+    auto = str(chosen).removeprefix("torch.")
+    names = [*dict.fromkeys(dtypes), "auto"]
+    mem = Memory(device)
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for name in names:
+        warm_up(pipe, device, auto if name == "auto" else name, 1)
+    for _ in range(max(1, repeats)):
+        for name in names:
+            dt = auto if name == "auto" else name
+            den, zl, zi = duodiff_denoise(pipe, device, mem, dt, "ddim", steps, 1, steps)
+            (dec,) = duodiff_decode(pipe, device, mem, dt, zl, zi)
+            runs[name].append({**den, **dec})
+    rows = []
+    stages = ("label_denoise_s", "label_decode_s", "image_denoise_s", "image_decode_s")
+    for name in names:
+        row = {"dtype": name, "resolved": auto if name == "auto" else name,
+               **{s: min(r[s] for r in runs[name]) for s in stages}}
+        row["latency_s"] = sum(row[s] for s in stages)
+        rows.append(row)
+    fixed = [r for r in rows if r["dtype"] != "auto"]
+    best = min(fixed, key=lambda r: r["latency_s"])
+    auto_row = rows[-1]
+    return {"steps": steps, "repeats": repeats, "auto_dtype": auto, "auto_first_use_s": first_use_s,
+            "auto_trials": trials, "rows": rows, "best_fixed": best["dtype"],
+            "auto_vs_best_fixed": auto_row["latency_s"] / best["latency_s"]}
+
+
+def markdown_dtype_table(t: dict[str, Any]) -> list[str]:
+    lines = ["", f"## dtype per stage (DDIM-{t['steps']}, batch 1, fastest of {t['repeats']} interleaved runs)", "",
+             f"`dtype=\"auto\"` chose **{t['auto_dtype']}** (first use on this model: {t['auto_first_use_s']:.1f} s "
+             f"of timing, then cached); auto / best fixed dtype ({t['best_fixed']}) = "
+             f"**{t['auto_vs_best_fixed']:.2f}x** (target <= 1.05).", "",
+             "| dtype | label denoise s | label decode s | image denoise s | image decode s | total s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in t["rows"]:
+        name = f"auto ({r['resolved']})" if r["dtype"] == "auto" else r["dtype"]
+        lines.append(f"| {name} | {r['label_denoise_s']:.3f} | {r['label_decode_s']:.3f} | "
+                     f"{r['image_denoise_s']:.3f} | {r['image_decode_s']:.3f} | {r['latency_s']:.3f} |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------- busy machine
+def load_check(model: str | None, steps: int, num_samples: int, competitors: Sequence[int]) -> list[dict[str, Any]]:
+    """Wall seconds of ``duodiff sample -n N`` with default settings while 0, 1, ... busy loops run.
+
+    The command runs as a new process without ``OMP_NUM_THREADS`` (so duodiff picks its thread count by load);
+    each busy loop is a ``python -c 'while True: pass'`` started before and killed after the command.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    cmd = [sys.executable, "-m", "duodiff.cli.main", "sample", "-n", str(num_samples), "--steps", str(steps)]
+    if model:
+        cmd += ["--model", model]
+    rows = []
+    for k in competitors:
+        out = tempfile.mkdtemp(prefix="duodiff-load-check-")
+        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(k)]
+        try:
+            t0 = time.perf_counter()
+            proc = subprocess.run([*cmd, "--out", out], env=env, capture_output=True, text=True, timeout=3600)
+            wall = time.perf_counter() - t0
+        finally:
+            for p in busy:  # only the processes started here
+                p.kill()
+                p.wait()
+            shutil.rmtree(out, ignore_errors=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"duodiff sample failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        note = next((line for line in proc.stderr.splitlines() if line.startswith("generating")), "")
+        rows.append({"competitors": k, "wall_s": wall, "announce": note})
+        print(f"load check: {k} competing busy loop(s): duodiff sample -n {num_samples} --steps {steps}: {wall:.1f} s"
+              f"  [{note}]", flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------- seams
 def seam_check(pipe, device, dtype: str) -> dict[str, Any]:
     """Tiled vs whole decode of random latents, the longest latent axis cut into tiles of half its length.
@@ -458,6 +763,18 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{r['halo']} | {r['mean_abs_diff']:.4f} | {r['max_abs_diff']:.3f} | {psnr} | {agree} | "
                     f"{r['whole_s']:.2f} | {r['tiled_s']:.2f} | {fmt_bytes(r['whole_peak'])} | "
                     f"{fmt_bytes(r['tiled_peak'])} |")
+    if result.get("dtype_table"):
+        lines += markdown_dtype_table(result["dtype_table"])
+    if result.get("sweep"):
+        lines += markdown_sweep(result["sweep"], result["sweep"]["label_names"])
+    if result.get("load_check"):
+        rows = result["load_check"]
+        idle = next((r["wall_s"] for r in rows if r["competitors"] == 0), None)
+        lines += ["", "## Busy machine: `duodiff sample` with default settings beside busy loops", "",
+                  "| competing busy loops | wall s | vs idle | what it announced |", "|---:|---:|---:|---|"]
+        for r in rows:
+            ratio = f"{r['wall_s'] / idle:.2f}x" if idle else "-"
+            lines.append(f"| {r['competitors']} | {r['wall_s']:.1f} | {ratio} | {r['announce']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -531,7 +848,29 @@ def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> argparse.
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads (default: torch's default, all cores); 1 is steadier on a "
                         "machine shared with other jobs")
-    p.add_argument("--quick", action="store_true", help="smoke run: hippocampus, batch 1, 3 steps, no parity")
+    p.add_argument("--parts", nargs="+", default=["timing", "sweep", "dtypes"],
+                   choices=["timing", "sweep", "dtypes", "load"],
+                   help="what to run: timing (the stage table, baseline, parity, seams), sweep (quality vs steps), "
+                        "dtypes (fp32 / low precision / auto per stage), load (duodiff sample -n 4 beside 0 and 1 "
+                        "busy loops; wants an otherwise idle machine). Default: timing sweep dtypes")
+    p.add_argument("--sweep-samplers", nargs="+", default=list(SWEEP_SAMPLERS), choices=list(SWEEP_SAMPLERS))
+    p.add_argument("--sweep-steps", nargs="+", type=positive_int, default=list(SWEEP_STEPS))
+    p.add_argument("--sweep-samples", type=positive_int, default=32, help="pairs per sweep row (default 32)")
+    p.add_argument("--sweep-batch", type=positive_int, default=8, help="batch size of the sweep (default 8)")
+    p.add_argument("--sweep-reference-steps", type=positive_int, default=50, help="DDIM steps of the reference")
+    p.add_argument("--sweep-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--sweep-seed", type=int, default=2000, help="first seed of the sweep's pairs")
+    p.add_argument("--segmenter", default=None, metavar="DIR",
+                   help="pair-consistency segmenter (default docs/results/evaluate, written by duodiff evaluate); "
+                        "its encoder is the FID-2.5D feature network")
+    p.add_argument("--real", default=None, metavar="DIR",
+                   help="real pairs (MSD / nnU-Net folder) for FID-2.5D; default: an independent DDIM reference set")
+    p.add_argument("--dtype-table-steps", type=positive_int, default=50, help="DDIM steps of the dtype table")
+    p.add_argument("--load-check-steps", type=positive_int, default=50)
+    p.add_argument("--load-check-samples", type=positive_int, default=4)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: hippocampus, batch 1, 3 steps, no parity; sweep of 2 pairs at 2 and 4 steps "
+                        "against DDIM-8; dtype table at 3 steps")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/bench_sampling_<device>)")
     return p.parse_args(argv)
 
@@ -552,6 +891,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if args.quick:
         args.preset, args.parity_samples, args.no_seams = ["hippocampus"], 0, True
         args.batch_sizes, args.max_steps, args.baseline_steps, args.repeats = [1], 3, 3, 1
+        args.sweep_steps, args.sweep_samples, args.sweep_batch, args.sweep_reference_steps = [2, 4], 2, 2, 8
+        args.dtype_table_steps, args.load_check_steps, args.load_check_samples = 3, 3, 1
     args.trained = find_trained_model(args.model)
     out_prefix = Path(args.out) if args.out else RESULTS / f"bench_sampling_{kind}"
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -577,7 +918,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     result: dict[str, Any] = {"environment": env, "rows": [], "baselines": [], "ratios": [], "parity": None,
                               "seams": {}}
     t_start = time.perf_counter()
-    for preset, (pipe, weights) in pipes.items():
+    for preset, (pipe, weights) in (pipes.items() if "timing" in args.parts else ()):
         shape = "x".join(map(str, pipe.config.volume_shape))
         for batch in setting(preset, "batch_sizes"):
             for dtype in dtypes:
@@ -639,19 +980,49 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                     "value": f32["latency_s"] / lp["latency_s"],
                     "target": 1.7 if (preset == "hippocampus" and batch == 1 and kind == "cpu") else None})
     # parity on a trained model
-    if args.parity_samples and "hippocampus" in pipes and args.trained and low:
+    parity_wanted = "timing" in args.parts and args.parity_samples
+    if parity_wanted and "hippocampus" in pipes and args.trained and low:
         print(f"parity: {args.parity_samples} label maps, DDIM-50 {SHORT[low]} vs MONAI DDPM-1000 fp32 ...", flush=True)
         result["parity"] = parity(pipes["hippocampus"][0], device, low, args.parity_samples)
-    elif args.parity_samples:
+    elif parity_wanted:
         result["parity"] = {"skipped": "no trained model (pass --model or install the bundled one)"
                             if not args.trained else "hippocampus preset not benchmarked"}
+    main_pipe, main_weights = pipes[args.preset[0]]
+    if "dtypes" in args.parts:
+        print(f"dtype table: DDIM-{args.dtype_table_steps}, batch 1, {', '.join(dtypes)} and auto ...", flush=True)
+        result["dtype_table"] = dtype_table(main_pipe, device, dtypes, args.dtype_table_steps,
+                                            setting(args.preset[0], "repeats"))
+        for r in result["dtype_table"]["rows"]:
+            print(f"dtype table: {r['dtype']:9s} ({r['resolved']}): {r['latency_s']:.2f} s per pair", flush=True)
+    if "sweep" in args.parts:
+        if not args.trained:
+            print("sweep: no trained model: quality numbers of random weights mean nothing", flush=True)
+        result["sweep"] = quality_sweep(main_pipe, args, device)
+        result["sweep"].update(preset=args.preset[0], weights=main_weights,
+                               label_names=list(main_pipe.config.label_names))
+        best = result["sweep"]["fastest_equal_quality"]
+        base = next((b for b in result["baselines"] if b["preset"] == args.preset[0]), None)
+        if best and base:
+            result["ratios"].append({
+                "name": f"{args.preset[0]}: fastest sweep row at equal quality ({best['sampler']}-{best['steps']}, "
+                        f"{result['sweep']['dtype']}, batch {result['sweep']['batch']}) vs MONAI DDPM-1000 fp32 "
+                        "(batch 1), seconds per pair",
+                "value": base["latency_s"] / best["seconds_per_pair"], "target": 100,
+                "baseline_extrapolated": base["extrapolated"]})
+    if "load" in args.parts:
+        result["load_check"] = load_check(args.trained, args.load_check_steps, args.load_check_samples, (0, 1))
     with contextlib.suppress(OSError, AttributeError):
         env["load_average_end"] = list(os.getloadavg())
     env["wall_seconds"] = time.perf_counter() - t_start
 
     out_prefix.with_suffix(".json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     out_prefix.with_suffix(".md").write_text(markdown(result))
-    plot(result, out_prefix.with_suffix(".png"))
+    if result["rows"]:
+        plot(result, out_prefix.with_suffix(".png"))
+    if result.get("sweep"):
+        plot_sweep(result["sweep"], Path(f"{out_prefix}_sweep.png"),
+                   f"duodiff quality vs seconds per pair, {env.get('gpu') or env.get('cpu', env['device'])}, "
+                   f"{result['sweep']['dtype']}, {result['sweep']['weights'].split(' ')[0]} weights")
     print()
     for r in result["ratios"]:
         verdict = "" if r["target"] is None else f"  (target >= {r['target']}x: " \
@@ -662,7 +1033,17 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         print("PARITY " + (f"skipped: {p['skipped']}" if "skipped" in p else
                            f"max relative difference of mean class volumes {p['max_relative_difference']:.1%} "
                            f"(within 10 %: {p['passes_10_percent']})"))
-    print(f"wrote {out_prefix}.json/.md/.png in {env['wall_seconds']:.0f} s")
+    if result.get("dtype_table"):
+        t = result["dtype_table"]
+        print(f"DTYPE auto chose {t['auto_dtype']}: {t['auto_vs_best_fixed']:.2f}x the best fixed dtype "
+              f"({t['best_fixed']}; target <= 1.05)")
+    if result.get("sweep"):
+        best = result["sweep"]["fastest_equal_quality"]
+        print("SWEEP fastest at equal quality: " + ("none" if best is None else
+              f"{best['sampler']}-{best['steps']} ({best['seconds_per_pair']:.2f} s/pair, "
+              f"{best['speedup_vs_reference']:.1f}x {result['sweep']['reference_sampler']})"))
+    print(f"wrote {out_prefix}.json/.md" + ("/.png" if result["rows"] else "")
+          + (f" and {out_prefix}_sweep.png" if result.get("sweep") else "") + f" in {env['wall_seconds']:.0f} s")
     return 0
 
 
