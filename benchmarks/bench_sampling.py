@@ -407,15 +407,25 @@ def equal_quality(row: dict[str, Any], reference: dict[str, Any]) -> bool | None
     return all(checks)
 
 
-def quality_sweep(pipe, args, device: torch.device) -> dict[str, Any]:
-    """Seconds per pair and quality of each sampler at each step count, against a DDIM reference."""
-    from duodiff.precision import choose_dtype, is_auto
+def quality_sweep(pipe, args, device: torch.device, auto_dtype: str | None = None) -> dict[str, Any]:
+    """Seconds per pair and quality of each sampler at each step count, against a DDIM reference.
+
+    ``--sweep-dtype auto`` uses ``auto_dtype`` (the dtype table's fresh measurement) when given, else measures
+    afresh (never a choice cached by an earlier run on another load).
+    """
+    import tempfile
+
+    from duodiff.precision import CACHE_FILE, choose_dtype, is_auto
     from duodiff.schedulers import DIFFUSERS_SAMPLERS
 
     k = pipe.config.num_classes
     dtype = args.sweep_dtype
-    if is_auto(dtype):
-        dtype = str(choose_dtype(pipe, args.sweep_reference_steps)).removeprefix("torch.")
+    if is_auto(dtype) and auto_dtype:
+        dtype = auto_dtype
+    elif is_auto(dtype):
+        with tempfile.TemporaryDirectory() as tmp:
+            dtype = str(choose_dtype(pipe, args.sweep_reference_steps, cache_path=Path(tmp) / CACHE_FILE))
+        dtype = dtype.removeprefix("torch.")
     segmenter, seg_note = load_segmenter(args.segmenter, k)
     if segmenter is not None:
         segmenter = segmenter.to(device)
@@ -997,7 +1007,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if "sweep" in args.parts:
         if not args.trained:
             print("sweep: no trained model: quality numbers of random weights mean nothing", flush=True)
-        result["sweep"] = quality_sweep(main_pipe, args, device)
+        result["sweep"] = quality_sweep(main_pipe, args, device,
+                                        (result.get("dtype_table") or {}).get("auto_dtype"))
         result["sweep"].update(preset=args.preset[0], weights=main_weights,
                                label_names=list(main_pipe.config.label_names))
         best = result["sweep"]["fastest_equal_quality"]

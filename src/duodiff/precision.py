@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .threads import busy_cores_of_others
+
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import DuoDiffusion
 
@@ -161,6 +163,14 @@ def cache_key(pipe: DuoDiffusion) -> str:
                        _fingerprint(pipe)])
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average (``None`` where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -213,8 +223,9 @@ def measure_dtypes(pipe: DuoDiffusion, *, num_steps: int = NUM_TRIAL_STEPS, repe
                    ) -> dict[str, dict[str, DtypeTrial]]:
     """Time and check every candidate dtype of ``pipe.device`` on both stages (batch 1).
 
-    Each (stage, dtype) runs once untimed (kernel selection, caches), then ``repeats`` times; the fastest run
-    counts (interference from other processes only ever adds time). The image stage is conditioned on the label
+    Per stage, each dtype runs once untimed (kernel selection, caches; its output is the one compared with
+    float32's), then the dtypes take turns for ``repeats`` timed rounds, so a changing background load hits them
+    alike; the fastest run counts (interference only ever adds time). The image stage is conditioned on the label
     map that the float32 label run decoded.
 
     Returns:
@@ -223,29 +234,29 @@ def measure_dtypes(pipe: DuoDiffusion, *, num_steps: int = NUM_TRIAL_STEPS, repe
     candidates = CANDIDATES.get(pipe.device.type, ("float32",))
     names = ["float32", *[c for c in candidates if c != "float32"]]  # float32 first: the reference
     trials: dict[str, dict[str, DtypeTrial]] = {s: {} for s in _STAGES}
-    reference: dict[str, torch.Tensor] = {}
     condition = None
     for stage in _STAGES:
-        for name in names:
-            dtype = _DTYPES[name]
+        outputs: dict[str, torch.Tensor] = {}
+        times: dict[str, list[tuple[float, float]]] = {}
+        for name in names:  # 1. untimed first run: output and warm-up
             try:
-                times = [_run_stage(pipe, stage, dtype, condition, num_steps) for _ in range(1 + repeats)]
+                outputs[name] = _run_stage(pipe, stage, _DTYPES[name], condition, num_steps)[2]
+                times[name] = []
             except Exception as e:  # noqa: BLE001 - an unsupported dtype is a failed candidate, not an error
                 if name == "float32":
                     raise
                 first_line = str(e).splitlines()[0][:200] if str(e) else ""
                 trials[stage][name] = DtypeTrial(name, float("inf"), float("inf"), float("inf"),
                                                  f"{type(e).__name__}: {first_line}")
-                continue
-            out = times[-1][2]
-            if name == "float32":
-                reference[stage] = out
-                if stage == "label":
-                    condition = pipe.one_hot(out.argmax(dim=1, keepdim=True))
-            error = _relative_error(out, reference[stage])
-            best_denoise = min(t[0] for t in times[1:])
-            best_decode = min(t[1] for t in times[1:])
-            trials[stage][name] = DtypeTrial(name, best_denoise / num_steps, best_decode, error,
+        if stage == "label":
+            condition = pipe.one_hot(outputs["float32"].argmax(dim=1, keepdim=True))
+        for _ in range(repeats):  # 2. timed rounds, the dtypes taking turns
+            for name in times:
+                times[name].append(_run_stage(pipe, stage, _DTYPES[name], condition, num_steps)[:2])
+        for name in times:  # 3. fastest run per dtype; error of its output against float32's
+            error = _relative_error(outputs[name], outputs["float32"])
+            trials[stage][name] = DtypeTrial(name, min(t[0] for t in times[name]) / num_steps,
+                                             min(t[1] for t in times[name]), error,
                                              "" if error != float("inf") else "non-finite output")
     return trials
 
@@ -301,6 +312,7 @@ def _write_cache(path: Path, key: str, trials: Mapping[str, Mapping[str, DtypeTr
         entries = _read_cache(path)
         entries[key] = {
             "measured": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "load_average": _load_average(),
             "tolerance": TOLERANCE,
             "trials": {s: {n: dataclasses.asdict(t) for n, t in trials[s].items()} for s in trials},
         }
@@ -363,6 +375,10 @@ def choose_dtype(
             trials = {s: dict(v) for s, v in (measure or measure_dtypes)(pipe).items()}
             logger.info("dtype='auto': measured %s on %s in %.1f s", ", ".join(trials["label"]), key.split(" | ")[1],
                         time.perf_counter() - t0)
+            others = busy_cores_of_others(0.2) if pipe.device.type == "cpu" else None
+            if others is not None and others >= 0.5:
+                logger.warning("dtype='auto' timed the dtypes while other processes kept %.1f CPU cores busy, so its "
+                               "choice may not hold on an idle machine; delete %s to measure again.", others, path)
             _write_cache(path, key, trials)
         _memo[memo_key] = trials
     name = pick_dtype(trials, num_inference_steps, tolerance=tolerance)
