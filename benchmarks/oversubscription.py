@@ -122,6 +122,13 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def autogroup(pid: int | str = "self") -> str:
+    """The Linux scheduler autogroup and its nice value of a process (its CPU share against other sessions)."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/autogroup").read_text().strip()
+    return "autogroup unknown"
+
+
 def other_load() -> list[str]:
     """CPU-heavy processes other than this benchmark (``ps``), to name the load in the results."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -132,7 +139,7 @@ def other_load() -> list[str]:
         for line in out:
             pid, pcpu, args = line.strip().split(None, 2)
             if int(pid) not in mine and float(pcpu) >= 20:
-                rows.append(f"{float(pcpu):.0f}% {args[:100]}")
+                rows.append(f"{float(pcpu):.0f}% {args[:100]} ({autogroup(pid)})")
         return rows[:5]
     return []
 
@@ -156,7 +163,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, OpenMP runtime: {env['openmp']}; "
         f"{env['date']}. Command: `{env['command']}`.",
         f"Load average at start {env['load_average_start']}; other CPU-heavy processes at start: "
-        f"{'; '.join(env['other_load']) or 'none'}.", "",
+        f"{'; '.join(env['other_load']) or 'none'}; this benchmark: {env.get('own_autogroup', 'autogroup unknown')}.",
+        "",
         "Median seconds per iteration of a Conv3d + GroupNorm + SiLU block (x4, 32 channels, 8x12x8, batch 1); "
         "a competitor is one `python -c 'while True: pass'` process. The last column compares with 1 thread "
         "(default settings) under the same number of competitors. Shown: the median over rounds, and each round's "
@@ -186,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "cpu": cpu_model(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "openmp": openmp_runtime(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "other_load": other_load(),
+        "own_autogroup": autogroup(),
         "load_average_start": [round(v, 2) for v in os.getloadavg()],
     }
     # one worker per (threads, wait setting): torch is imported once per worker, not once per window
