@@ -497,3 +497,60 @@ def test_trained_model_records_its_training_cases(tmp_path):
     assert "2 cases of `d`" in card and "training_cases.json" in card
     assert "case_003" not in card and "case_003" not in json.dumps(prov)
     DuoDiffusion.from_pretrained(model_dir)  # the extra file does not disturb loading
+
+
+def test_scale_equivariance_term_decodes_the_pooled_latent_to_the_pooled_image():
+    """scale_equivariance_weight adds L1(decode(avgpool(z)), avgpool(x)) (Skorokhodov et al. 2025) to the image
+    autoencoder loss, and its gradient reaches the encoder through the pooled latent."""
+    import torch.nn.functional as F
+    from monai.networks.nets import AutoencoderKL
+
+    from duodiff.train.loop import StepContext
+    from duodiff.train.stages import AutoencoderStep, autoencoder_loss, random_patches
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, channels=(8, 8), num_res_blocks=(1, 1),
+                       attention_levels=(False, False), latent_channels=2, norm_num_groups=4)
+    images = torch.rand(3, 1, 16, 16, 16)
+    step = AutoencoderStep(ae)
+    idx = torch.tensor([0, 2])
+    kw = dict(kind="image", num_classes=2, latent_shape=(2, 8, 8, 8), kl_weight=0.0, dice_weight=0.0,
+              patch_size=(8, 8, 8), downsample_factor=2)
+
+    def ctx() -> StepContext:
+        return StepContext(step=0, indices=idx, generator=torch.Generator().manual_seed(1), device=torch.device("cpu"))
+
+    plain, logs0 = autoencoder_loss(images, None, **kw)(step, ctx())
+    with_se, logs = autoencoder_loss(images, None, scale_equivariance_weight=0.5, **kw)(step, ctx())
+    assert "scale_equivariance_l1" not in logs0 and logs["l1"] == pytest.approx(logs0["l1"])
+    assert with_se.item() == pytest.approx(plain.item() + 0.5 * logs["scale_equivariance_l1"], rel=1e-5)
+    # the term by hand, from the same noise and crop: decode the 2x-pooled sampled latent, compare with the pooled crop
+    g = torch.Generator().manual_seed(1)
+    eps = torch.randn((2, 2, 4, 4, 4), generator=g)
+    (x,) = random_patches((images[idx],), (8, 8, 8), g)
+    with torch.no_grad():
+        mu, sigma = ae.encode(x)
+        expected = (ae.decode(F.avg_pool3d(mu + sigma * eps, 2)) - F.avg_pool3d(x, 2)).abs().mean()
+    assert logs["scale_equivariance_l1"] == pytest.approx(expected.item(), rel=1e-5)
+    with_se.backward()
+    assert next(ae.encoder.parameters()).grad.abs().sum() > 0
+
+
+def test_scale_equivariance_needs_patches_divisible_by_twice_the_downsampling(tmp_path, dataset):
+    toml = tmp_path / "train.toml"
+    toml.write_text(textwrap.dedent(f"""
+        output_dir = "out"
+        progress = false
+        [data]
+        root = "{dataset}"
+        [model]
+        preset = "tiny"
+        volume_shape = [16, 16, 16]
+        [stages.image_autoencoder]
+        steps = 1
+        patch_size = [6, 6, 6]
+        scale_equivariance_weight = 0.5
+    """))
+    msg = r"patch_size \[6, 6, 6\].*divisible by twice the autoencoder's downsampling \(4"
+    with pytest.raises(ValueError, match=msg):
+        train(load_train_config(toml), stages=["image_autoencoder"])

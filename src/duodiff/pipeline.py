@@ -176,7 +176,14 @@ class DuoDiffusion:
         return spacing_affine(self.config.spacing)
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> DuoDiffusion:
-        """Move (and optionally cast) every network in place; returns ``self``."""
+        """Move (and optionally cast) every network in place; returns ``self``.
+
+        Like diffusers' ``DiffusionPipeline.to``, a dtype may come first: ``pipe.to(torch.float16)`` or
+        ``pipe.to("bfloat16")`` cast without moving.
+        """
+        names_dtype = isinstance(device, str) and device.lower() in _DTYPES
+        if dtype is None and (isinstance(device, torch.dtype) or names_dtype):
+            device, dtype = None, device
         dt = resolve_dtype(dtype)
         for m in self.modules():
             m.to(device=device, dtype=dt)

@@ -163,6 +163,10 @@ class StageConfig(_Config):
         dice_weight: Dice weight of the label autoencoder (with cross-entropy).
         ssim_weight: image autoencoder: weight of a ``1 - SSIM`` reconstruction loss (MONAI ``SSIMLoss``) added
             to L1 (0 = L1 only).
+        scale_equivariance_weight: image autoencoder: weight of the scale-equivariance term (the decoder maps the
+            2x average-pooled latent to the 2x average-pooled image; Skorokhodov et al. 2025) that keeps the
+            latent smooth enough for the diffusion model (0 = off). Patch sides must then be multiples of twice
+            the autoencoder's downsampling.
         patch_size: autoencoder stages: train on one random ``(H, W, D)`` crop per sample (sides multiples of the
             autoencoder's downsampling) instead of whole volumes; empty = whole volumes. Cheaper steps, the same
             whole-volume reconstruction (autoencoders are convolutional).
@@ -186,6 +190,7 @@ class StageConfig(_Config):
     kl_weight: float = 1e-6
     dice_weight: float = 1.0
     ssim_weight: float = 0.0
+    scale_equivariance_weight: float = 0.0
     patch_size: tuple[int, ...] = ()
     adv_weight: float = 0.0
     checkpoint_every: int = 500
@@ -206,8 +211,9 @@ class StageConfig(_Config):
         if self.patch_size and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
             raise ConfigError(f"{self._name}.patch_size must be 3 positive sides (H, W, D) or empty, got "
                               f"{self.patch_size}.")
-        if self.ssim_weight < 0:
-            raise ConfigError(f"{self._name}.ssim_weight must be >= 0, got {self.ssim_weight}.")
+        for name in ("ssim_weight", "scale_equivariance_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{self._name}.{name} must be >= 0, got {getattr(self, name)}.")
         if self.adv_weight != 0:
             raise ConfigError(
                 f"{self._name}.adv_weight={self.adv_weight}: the patch-adversarial loss is not implemented yet; "

@@ -32,10 +32,16 @@ class AutoencoderStep(nn.Module):
         super().__init__()
         self.autoencoder = autoencoder
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, downsampled: bool = False
+                ) -> tuple[torch.Tensor, ...]:
+        """``(recon, mu, sigma)``; with ``downsampled=True`` also the decoding of the 2x average-pooled latent
+        (``(N, C, H/2, W/2, D/2)``, for :func:`autoencoder_loss`'s scale-equivariance term)."""
         mu, sigma = self.autoencoder.encode(x)
         z = mu + sigma * eps.to(mu.dtype)
-        return self.autoencoder.decode(z), mu, sigma
+        out = (self.autoencoder.decode(z), mu, sigma)
+        if downsampled:
+            out = (*out, self.autoencoder.decode(F.avg_pool3d(z, 2)))
+        return out
 
 
 class ControlledUNet(nn.Module):
@@ -98,6 +104,7 @@ def autoencoder_loss(
     ssim_weight: float = 0.0,
     patch_size: tuple[int, int, int] | None = None,
     downsample_factor: int = 1,
+    scale_equivariance_weight: float = 0.0,
 ):
     """Loss function for an autoencoder stage.
 
@@ -110,6 +117,12 @@ def autoencoder_loss(
         patch_size: train on one random crop of this size per sample (:func:`random_patches`); ``None`` = whole
             volumes. Sides must be multiples of ``downsample_factor`` (the autoencoder's).
         latent_shape: ``(C, h, w, d)`` of a whole volume's latent (the patch latent is derived from it).
+        scale_equivariance_weight: image stage: weight of an L1 term asking the decoder to turn the 2x
+            average-pooled latent into the 2x average-pooled image (scale-equivariance regularisation,
+            Skorokhodov et al. 2025, "Improving the Diffusability of Autoencoders", arXiv:2502.14831). It removes
+            the high-frequency, checkerboard-like components a weakly regularised latent drifts into, which a
+            diffusion model cannot predict and samples as noise. Needs patch / volume sides divisible by
+            ``2 * downsample_factor``.
     """
     if patch_size is not None:
         patch_size = tuple(int(p) for p in patch_size)
@@ -135,11 +148,18 @@ def autoencoder_loss(
             return ce + dice_weight * dl + kl_weight * kl, {"ce": ce.item(), "dice": dl.item(), "kl": kl.item()}
         (x,) = random_patches((images[ctx.indices],), patch_size, ctx.generator)
         x = x.to(ctx.device)
-        recon, mu, sigma = model(x, eps)
+        if scale_equivariance_weight > 0:
+            recon, mu, sigma, recon_down = model(x, eps, True)
+        else:
+            recon, mu, sigma = model(x, eps)
         l1 = (recon.float() - x).abs().mean()
         kl = kl_loss(mu, sigma)
         logs = {"l1": l1.item(), "kl": kl.item()}
         loss = l1 + kl_weight * kl
+        if scale_equivariance_weight > 0:
+            se = (recon_down.float() - F.avg_pool3d(x, 2)).abs().mean()
+            loss = loss + scale_equivariance_weight * se
+            logs["scale_equivariance_l1"] = se.item()
         if ssim is not None:
             s_loss = ssim(recon.float().clamp(0, 1), x)
             loss = loss + ssim_weight * s_loss

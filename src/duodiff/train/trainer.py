@@ -311,17 +311,22 @@ class Trainer:
             latent = pc.label_latent_shape if kind == "label" else pc.image_latent_shape
             ae_cfg = getattr(pc, stage)
             patch = tuple(scfg.patch_size) or None
-            if patch is not None:
-                df = ae_cfg.downsample_factor
-                if any(p % df or p > v for p, v in zip(patch, pc.volume_shape)):
-                    raise ConfigError(
-                        f"[stages.{stage}].patch_size {list(patch)} must fit in the volume {list(pc.volume_shape)} "
-                        f"and have sides divisible by the autoencoder's downsampling ({df})."
-                    )
+            se_weight = scfg.scale_equivariance_weight if kind == "image" else 0.0
+            df = ae_cfg.downsample_factor * (2 if se_weight > 0 else 1)
+            sides = patch if patch is not None else tuple(pc.volume_shape)
+            if any(p % df or p > v for p, v in zip(sides, pc.volume_shape)):
+                what = "patch_size" if patch is not None else "patch_size (empty: the volume_shape)"
+                why = (f"twice the autoencoder's downsampling ({df}; scale_equivariance_weight > 0)"
+                       if se_weight > 0 else f"the autoencoder's downsampling ({df})")
+                raise ConfigError(
+                    f"[stages.{stage}].{what} {list(sides)} must fit in the volume {list(pc.volume_shape)} "
+                    f"and have sides divisible by {why}."
+                )
             loss = autoencoder_loss(data.images, data.labels, kind=kind, num_classes=pc.num_classes,
                                     latent_shape=latent, kl_weight=scfg.kl_weight, dice_weight=scfg.dice_weight,
                                     ssim_weight=scfg.ssim_weight, patch_size=patch,
-                                    downsample_factor=ae_cfg.downsample_factor)
+                                    downsample_factor=ae_cfg.downsample_factor,
+                                    scale_equivariance_weight=se_weight)
             wrapper, finished = run_stage(run_name, AutoencoderStep(ae), loss, scfg, use_ema=False, **common)
             ae = wrapper.autoencoder
             self.trained[stage] = ae
