@@ -180,3 +180,20 @@ def test_missing_diffusers_is_a_one_line_user_error_in_the_cli(tiny_model_dir, t
     assert code == 2, err
     assert "needs diffusers" in err and "duodiff[samplers]" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "pndm"] + (FEW_STEP if HAVE_DIFFUSERS else []))
+def test_every_sampler_builds_for_every_training_schedule(name):
+    """Each schedule a config accepts gives each sampler (the cosine one takes no beta range: it used to crash)."""
+    import math
+
+    from duodiff.config import SchedulerConfig
+
+    for schedule in ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"):
+        sched = make_scheduler(name, SchedulerConfig(schedule=schedule))
+        sched.set_timesteps(10)
+        assert len(sched.timesteps) >= 10 and int(sched.timesteps.max()) < 1000
+    cosine = make_scheduler("ddpm", SchedulerConfig(schedule="cosine"))
+    # Nichol & Dhariwal's alpha-bar at t = T / 2 with s = 0.008: cos^2(pi / 2 * (0.5 + s) / (1 + s))
+    expected = math.cos(math.pi / 2 * (0.5 + 0.008) / 1.008) ** 2
+    assert float(cosine.alphas_cumprod[499]) == pytest.approx(expected, rel=0.02)

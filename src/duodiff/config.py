@@ -318,7 +318,9 @@ _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 class SchedulerConfig(_Config):
     """The noise schedule the diffusion UNets were trained with.
 
-    Every sampler (DDPM, DDIM, ...) chosen at sample time is built from this one schedule.
+    Every sampler (DDPM, DDIM, ...) chosen at sample time is built from this one schedule. ``schedule`` is a
+    MONAI ``NoiseSchedules`` name; ``beta_start`` / ``beta_end`` apply to the ``*_beta`` schedules and are ignored
+    by ``"cosine"`` (Nichol & Dhariwal 2021, offset s = 0.008).
     """
 
     _name: ClassVar[str] = "SchedulerConfig"

@@ -112,13 +112,11 @@ def make_scheduler(name: str, cfg: SchedulerConfig) -> Sampler:
     from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
     key = check_scheduler_name(name)
-    common = dict(
-        num_train_timesteps=cfg.num_train_timesteps,
-        schedule=cfg.schedule,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        prediction_type=cfg.prediction_type,
+    common: dict[str, Any] = dict(
+        num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule, prediction_type=cfg.prediction_type
     )
+    if cfg.schedule != "cosine":  # MONAI's cosine schedule (Nichol & Dhariwal 2021) takes no beta range
+        common.update(beta_start=cfg.beta_start, beta_end=cfg.beta_end)
     if key == "ddpm":
         return DDPMScheduler(clip_sample=False, **common)
     if key == "ddim":
