@@ -215,6 +215,23 @@ def test_folder_without_model_index(tmp_path):
         DuoDiffusion.from_pretrained(tmp_path / "empty")
 
 
+def test_saved_model_has_the_permissions_of_any_new_file(tiny_pipe, tmp_path):
+    """save_pretrained builds the folder in a private temporary folder: the result must not stay 0700 / 0600, or
+    the other users of a shared machine cannot load the model."""
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    out = tmp_path / "shared" / "model"
+    tiny_pipe.save_pretrained(out)
+    dirs = [out, *(p for p in out.rglob("*") if p.is_dir())]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask for p in files), \
+        sorted({oct(p.stat().st_mode) for p in files})
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o777 & ~mask for p in dirs)
+
+
 def test_model_index_of_another_library(tiny_model_dir, tmp_path):
     broken = tmp_path / "m"
     shutil.copytree(tiny_model_dir, broken)

@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from .data.folders import Case, find_cases, read_case, read_channel_names, read_label_names
-from .io import NIFTI_SUFFIX, nnunet_dataset_json, write_json
+from .io import NIFTI_SUFFIX, chmod_as_new, nnunet_dataset_json, write_json
 
 __all__ = ["read_dataset_meta", "export_nnunet", "NnunetExport"]
 
@@ -122,13 +122,6 @@ def _agree(kind: str, real: tuple[str, ...] | None, synthetic: tuple[str, ...] |
             f"mean the same classes/channels, pass {flag} to use one list for both; otherwise use a model trained "
             "on this data."
         )
-
-
-def _chmod_umask(path: Path) -> None:
-    """Give a folder made by ``tempfile.mkdtemp`` (mode 0700) the mode ``mkdir`` would have given it (0777 & ~umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o777 & ~mask)
 
 
 def export_nnunet(
@@ -285,7 +278,7 @@ def export_nnunet(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}.tmp-", dir=root))
     try:
-        _chmod_umask(tmp)  # mkdtemp makes it 0700; the dataset folder gets the permissions any new folder gets
+        chmod_as_new(tmp)  # mkdtemp makes it 0700; the dataset folder gets the permissions any new folder gets
         images_dir, labels_dir = tmp / "imagesTr", tmp / "labelsTr"
         images_dir.mkdir()
         labels_dir.mkdir()

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__, keys
 from .config import ConfigError, PipelineConfig
+from .io import chmod_as_new
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import DuoDiffusion
@@ -118,6 +119,7 @@ def save_pipeline(pipe: DuoDiffusion, save_directory: str | os.PathLike, *, vari
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
         (tmp / keys.MODEL_INDEX).write_text(_json_dump(index))
+        chmod_as_new(tmp)  # mkdtemp's 0700 (and safetensors' 0600 files) would hide the model from other users
         _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

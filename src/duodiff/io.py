@@ -41,15 +41,33 @@ def spacing_affine(spacing: Sequence[float], origin: Sequence[float] = (0.0, 0.0
     return affine
 
 
-def _file_mode() -> int:
-    """Permissions of a newly created file under the process umask (``mkstemp`` files are 0600)."""
+def _umask() -> int:
+    """The process umask (``os.umask`` can only be read by setting it)."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
-#: read once at import (os.umask is process-wide; reading it later could race with other threads)
-_FILE_MODE = _file_mode()
+#: read once at import (os.umask is process-wide; reading it later could race with other threads).
+#: Permissions of a newly created file / folder under the umask (``mkstemp`` files are 0600, ``mkdtemp`` 0700).
+_UMASK = _umask()
+_FILE_MODE = 0o666 & ~_UMASK
+_DIR_MODE = 0o777 & ~_UMASK
+
+
+def chmod_as_new(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the permissions a plain ``mkdir`` / ``open`` would have given.
+
+    For trees built in a ``tempfile.mkdtemp`` folder (private 0700) and then moved into place: a model or dataset
+    folder that other users of a shared machine cannot read is a surprise.
+    """
+    root = Path(root)
+    os.chmod(root, _DIR_MODE if root.is_dir() else _FILE_MODE)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), _DIR_MODE)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), _FILE_MODE)
 
 
 @contextlib.contextmanager
