@@ -554,3 +554,40 @@ def test_scale_equivariance_needs_patches_divisible_by_twice_the_downsampling(tm
     msg = r"patch_size \[6, 6, 6\].*divisible by twice the autoencoder's downsampling \(4"
     with pytest.raises(ValueError, match=msg):
         train(load_train_config(toml), stages=["image_autoencoder"])
+
+
+def test_decoder_only_finetune_keeps_the_latent(tmp_path, dataset):
+    """decoder_only = true with --finetune trains the decoder and leaves the encoder (the latent the UNets learned,
+    and its scale factor) exactly as it was; without --finetune it is refused."""
+    from safetensors.torch import load_file
+
+    toml = tmp_path / "train.toml"
+    toml.write_text(textwrap.dedent(f"""
+        output_dir = "out"
+        progress = false
+        [data]
+        root = "{dataset}"
+        [model]
+        preset = "tiny"
+        volume_shape = [16, 16, 16]
+        [stages.image_autoencoder]
+        steps = 2
+        batch_size = 2
+        warmup_steps = 0
+        lr = 1e-2
+    """))
+    train(load_train_config(toml), stages=["image_autoencoder"])
+    weights = tmp_path / "out" / "model" / "image_autoencoder" / "model.safetensors"
+    before = load_file(str(weights))
+    scale = DuoDiffusion.from_pretrained(tmp_path / "out" / "model").config.image_scale_factor
+    toml.write_text(toml.read_text() + "decoder_only = true\n")
+    with pytest.raises(ValueError, match=r"decoder_only fine-tunes the decoder.*--finetune"):
+        train(load_train_config(toml), stages=["image_autoencoder"])
+    train(load_train_config(toml), stages=["image_autoencoder"], finetune=True)
+    after = load_file(str(weights))
+    enc = [k for k in before if k.startswith(("encoder.", "quant_conv_"))]
+    dec = [k for k in before if k.startswith(("decoder.", "post_quant_conv"))]
+    assert enc and dec and set(enc) | set(dec) == set(before)
+    assert all(torch.equal(before[k], after[k]) for k in enc)
+    assert any(not torch.equal(before[k], after[k]) for k in dec)
+    assert DuoDiffusion.from_pretrained(tmp_path / "out" / "model").config.image_scale_factor == scale

@@ -167,6 +167,10 @@ class StageConfig(_Config):
             2x average-pooled latent to the 2x average-pooled image; Skorokhodov et al. 2025) that keeps the
             latent smooth enough for the diffusion model (0 = off). Patch sides must then be multiples of twice
             the autoencoder's downsampling.
+        decoder_only: autoencoder stages, with ``--finetune``: train only the decoder (``post_quant_conv`` and
+            ``decoder``); the encoder — and so the latent the diffusion models were trained on, and the scale
+            factor — stays fixed. Sharper decoding for a model whose UNets are already trained (how Stability AI's
+            ``sd-vae-ft-mse`` decoder was fine-tuned).
         patch_size: autoencoder stages: train on one random ``(H, W, D)`` crop per sample (sides multiples of the
             autoencoder's downsampling) instead of whole volumes; empty = whole volumes. Cheaper steps, the same
             whole-volume reconstruction (autoencoders are convolutional).
@@ -191,6 +195,7 @@ class StageConfig(_Config):
     dice_weight: float = 1.0
     ssim_weight: float = 0.0
     scale_equivariance_weight: float = 0.0
+    decoder_only: bool = False
     patch_size: tuple[int, ...] = ()
     adv_weight: float = 0.0
     checkpoint_every: int = 500

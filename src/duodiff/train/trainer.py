@@ -327,7 +327,19 @@ class Trainer:
                                     ssim_weight=scfg.ssim_weight, patch_size=patch,
                                     downsample_factor=ae_cfg.downsample_factor,
                                     scale_equivariance_weight=se_weight)
-            wrapper, finished = run_stage(run_name, AutoencoderStep(ae), loss, scfg, use_ema=False, **common)
+            if scfg.decoder_only:
+                if before is None:
+                    raise ConfigError(
+                        f"[stages.{stage}].decoder_only fine-tunes the decoder of a trained autoencoder: run it "
+                        f"with --finetune after the stage has finished, or set decoder_only = false."
+                    )
+                frozen = [ae.encoder, ae.quant_conv_mu, ae.quant_conv_log_sigma]
+                for m in frozen:
+                    m.requires_grad_(False)
+            try:
+                wrapper, finished = run_stage(run_name, AutoencoderStep(ae), loss, scfg, use_ema=False, **common)
+            finally:
+                ae.requires_grad_(True)
             ae = wrapper.autoencoder
             self.trained[stage] = ae
             x = self._ae_inputs(kind, data.images, data.labels, pc.num_classes)
