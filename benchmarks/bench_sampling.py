@@ -162,10 +162,10 @@ def attribute_context(pipe, n: int):
 
 
 # ------------------------------------------------------------------------------------------- duodiff stages
-def scheduler_for(pipe, name: str, steps: int, measured: int):
+def scheduler_for(pipe, name: str, steps: int, measured: int, kind: str):
     from duodiff.schedulers import make_scheduler
 
-    sched = make_scheduler(name, pipe.config.scheduler)
+    sched = make_scheduler(name, pipe.config.schedule_of(kind))
     sched.set_timesteps(steps, device=pipe.device)
     if measured < steps:
         sched.timesteps = sched.timesteps[:measured]  # the first `measured` steps of the real schedule
@@ -184,7 +184,7 @@ def duodiff_denoise(pipe, device, memory, dtype, sampler, steps, batch, max_step
     with torch.inference_mode(), autocast(device, dtype):
         gens = stage_generators(seeds, "label")
         noise = initial_noise(gens, pipe.config.label_latent_shape, pipe.device)
-        sched = scheduler_for(pipe, name, steps, measured)
+        sched = scheduler_for(pipe, name, steps, measured, "label")
         zl, t, m = timed(device, memory, lambda: denoise(
             pipe.label_unet, sched, noise, generators=gens, stochastic=stochastic, progress=False,
             context=context, null_context=null_context))
@@ -193,7 +193,7 @@ def duodiff_denoise(pipe, device, memory, dtype, sampler, steps, batch, max_step
         cond = pipe.one_hot(labels)
         gens = stage_generators(seeds, "image")
         noise = initial_noise(gens, pipe.config.image_latent_shape, pipe.device)
-        sched = scheduler_for(pipe, name, steps, measured)
+        sched = scheduler_for(pipe, name, steps, measured, "image")
         zi, t, m = timed(device, memory, lambda: denoise(
             pipe.image_unet, sched, noise, generators=gens, stochastic=stochastic, controlnet=pipe.image_controlnet,
             condition=cond, progress=False))

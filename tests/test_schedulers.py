@@ -197,3 +197,29 @@ def test_every_sampler_builds_for_every_training_schedule(name):
     # Nichol & Dhariwal's alpha-bar at t = T / 2 with s = 0.008: cos^2(pi / 2 * (0.5 + s) / (1 + s))
     expected = math.cos(math.pi / 2 * (0.5 + 0.008) / 1.008) ** 2
     assert float(cosine.alphas_cumprod[499]) == pytest.approx(expected, rel=0.02)
+
+
+def test_image_side_with_its_own_prediction_type_saves_loads_and_samples(tmp_path, one_thread):
+    """A model whose image UNet predicts v while its label UNet predicts epsilon (``image_scheduler``): the image
+    stage is sampled with the image schedule, the label stage with the label one, and the setting survives
+    save / load; a model without it (all older models) uses ``scheduler`` for both."""
+    from duodiff import DuoDiffusion
+
+    base = make_tiny(3)
+    assert base.config.image_scheduler is None
+    assert base.config.schedule_of("image") is base.config.scheduler
+    v = base.config.scheduler.replace(prediction_type="v_prediction")
+    pipe = DuoDiffusion(base.config.replace(image_scheduler=v), base.components())
+    assert pipe._new_scheduler("ddim", 3, "image").prediction_type == "v_prediction"
+    assert pipe._new_scheduler("ddim", 3, "label").prediction_type == "epsilon"
+    pipe.save_pretrained(tmp_path / "m")
+    loaded = DuoDiffusion.from_pretrained(tmp_path / "m")
+    assert loaded.config.schedule_of("image") == v and loaded.config.schedule_of("label").prediction_type == "epsilon"
+    assert "epsilon (label); v_prediction (image)" in (tmp_path / "m" / "README.md").read_text()
+    # the image stage really follows the image schedule: same networks, other prediction type -> other images
+    a = pipe.sample(1, seed=3, num_inference_steps=3, dtype="float32", progress=False)
+    b = base.sample(1, seed=3, num_inference_steps=3, dtype="float32", progress=False)
+    assert torch.equal(a.labels, b.labels)
+    assert not torch.allclose(a.images, b.images)
+    with pytest.raises(ValueError, match="kind must be 'label' or 'image'"):
+        pipe.config.schedule_of("mask")

@@ -591,3 +591,33 @@ def test_decoder_only_finetune_keeps_the_latent(tmp_path, dataset):
     assert all(torch.equal(before[k], after[k]) for k in enc)
     assert any(not torch.equal(before[k], after[k]) for k in dec)
     assert DuoDiffusion.from_pretrained(tmp_path / "out" / "model").config.image_scale_factor == scale
+
+
+def test_image_prediction_type_trains_a_v_image_side_beside_an_epsilon_label_side(dataset, tmp_path, monkeypatch):
+    """[model] image_prediction_type = "v_prediction": the image UNet and ControlNet learn v targets, the label UNet
+    epsilon, and the saved model samples each side with its own schedule; an existing run folder trained with
+    another image prediction type is refused instead of silently mixing them."""
+    import dataclasses
+
+    import duodiff.train.trainer as trainer_mod
+
+    seen: list[str] = []
+    real_loss = trainer_mod.diffusion_loss
+
+    def spy(latents, scheduler_cfg, **kw):
+        seen.append(scheduler_cfg.prediction_type)
+        return real_loss(latents, scheduler_cfg, **kw)
+
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", spy)
+    cfg = make_config(tmp_path, dataset, steps=2)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_prediction_type="v_prediction"))
+    model_dir = train(cfg, stages=["label_autoencoder", "label_unet", "image_autoencoder", "image_unet",
+                                   "image_controlnet"])
+    assert seen == ["epsilon", "v_prediction", "v_prediction"]
+    c = DuoDiffusion.from_pretrained(model_dir).config
+    assert c.scheduler.prediction_type == "epsilon" and c.image_scheduler.prediction_type == "v_prediction"
+    again = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_prediction_type=""))
+    with pytest.raises(ValueError, match=r"image side trained with prediction_type 'v_prediction'.*new output_dir"):
+        train(again, stages=["image_unet"])
+    with pytest.raises(ValueError, match=r"image_prediction_type must be 'epsilon' or 'v_prediction'"):
+        dataclasses.replace(cfg.model, image_prediction_type="sample")

@@ -366,6 +366,10 @@ class PipelineConfig(_Config):
             ``None``: not recorded (models saved before duodiff recorded it; (0.5, 99.5) is assumed).
         label_scale_factor / image_scale_factor: multiply encoder latents by this before diffusion
             (1 / latent std, measured after autoencoder training).
+        scheduler: the noise schedule (and prediction type) the diffusion networks were trained with.
+        image_scheduler: the image UNet's and ControlNet's schedule when it differs from ``scheduler`` (e.g.
+            ``v_prediction`` for the image side while the label UNet predicts epsilon); ``None`` (every model
+            saved before it existed): the image side uses ``scheduler``. Read it with :meth:`schedule_of`.
     """
 
     _name: ClassVar[str] = "PipelineConfig"
@@ -388,6 +392,15 @@ class PipelineConfig(_Config):
     attributes: tuple[str, ...] = ()
     attribute_mean: tuple[float, ...] = ()
     attribute_std: tuple[float, ...] = ()
+    image_scheduler: SchedulerConfig | None = None
+
+    def schedule_of(self, kind: str) -> SchedulerConfig:
+        """The training schedule of the ``"label"`` or ``"image"`` diffusion stage."""
+        if kind == "image":
+            return self.image_scheduler or self.scheduler
+        if kind == "label":
+            return self.scheduler
+        raise ValueError(f"kind must be 'label' or 'image', got {kind!r}.")
 
     def validate(self) -> None:  # noqa: C901 - a flat list of checks reads best
         n = self.num_classes

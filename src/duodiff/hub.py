@@ -215,7 +215,8 @@ def model_card(pipe: DuoDiffusion, *, license: str = "other", extra: str = "") -
         f"| spacing (mm) | {tuple(c.spacing)} |",
         f"| labels | {', '.join(f'{i}: {n}' for i, n in enumerate(names))} |",
         f"| image channels | {c.image_channels} |",
-        f"| prediction type | {c.scheduler.prediction_type} |",
+        f"| prediction type | {c.scheduler.prediction_type}"
+        + (f" (label); {c.image_scheduler.prediction_type} (image)" if c.image_scheduler else "") + " |",
     ]
     for name in keys.COMPONENTS:
         lines.append(f"| {name} parameters | {count_parameters(getattr(pipe, name)):,} |")

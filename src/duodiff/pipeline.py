@@ -357,13 +357,15 @@ class DuoDiffusion:
 
     # ------------------------------------------------------------------ sampling
     def _prepare(self, scheduler: str, num_inference_steps: int, conditioning_scale: float, dtype: Any
-                 ) -> tuple[Callable[[], Sampler], torch.dtype | None]:
+                 ) -> tuple[Callable[[str], Sampler], torch.dtype | None]:
         """Check the sampling arguments; return ``(new_scheduler, autocast dtype)``.
 
-        ``new_scheduler()`` makes a fresh sampler with its timesteps set: multistep samplers (PNDM, DPM-Solver++,
-        UniPC) keep the previous steps' outputs, so every denoising run (each stage, batch and retry) gets its own.
+        ``new_scheduler(kind)`` makes a fresh sampler for the ``"label"`` or ``"image"`` stage's training schedule
+        with its timesteps set: multistep samplers (PNDM, DPM-Solver++, UniPC) keep the previous steps' outputs,
+        so every denoising run (each stage, batch and retry) gets its own.
         """
-        check_num_inference_steps(num_inference_steps, self.config.scheduler)
+        for kind in ("label", "image"):
+            check_num_inference_steps(num_inference_steps, self.config.schedule_of(kind))
         check_scheduler_name(scheduler)
         if not isinstance(conditioning_scale, (int, float)) or isinstance(conditioning_scale, bool):
             raise TypeError(f"conditioning_scale must be a number, got {conditioning_scale!r}.")
@@ -383,11 +385,12 @@ class DuoDiffusion:
                     f"{weights}) or cast the weights first with pipe.to(dtype=...)."
                 )
         new_scheduler = functools.partial(self._new_scheduler, scheduler, num_inference_steps)
-        new_scheduler()  # fail here, before any work: e.g. 'dpmsolver++' without diffusers installed
+        for kind in ("label", "image"):
+            new_scheduler(kind)  # fail here, before any work: e.g. 'dpmsolver++' without diffusers installed
         return new_scheduler, amp
 
-    def _new_scheduler(self, scheduler: str, num_inference_steps: int) -> Sampler:
-        sched = make_scheduler(scheduler, self.config.scheduler)
+    def _new_scheduler(self, scheduler: str, num_inference_steps: int, kind: str) -> Sampler:
+        sched = make_scheduler(scheduler, self.config.schedule_of(kind))
         sched.set_timesteps(num_inference_steps, device=self.device)
         return sched
 
@@ -431,7 +434,7 @@ class DuoDiffusion:
             context = context.to(self.device)
             null_context = null_context.to(self.device)
         with self._autocast(amp):
-            z = denoise(self.label_unet, new_scheduler(), noise, generators=gens, stochastic=stochastic,
+            z = denoise(self.label_unet, new_scheduler("label"), noise, generators=gens, stochastic=stochastic,
                         progress=progress, desc="labels", context=context, null_context=null_context,
                         guidance_scale=guidance_scale)
             return self._decode("label", z, tile, seeds).argmax(dim=1, keepdim=True)
@@ -441,7 +444,7 @@ class DuoDiffusion:
         gens = stage_generators(seeds, "image")
         noise = initial_noise(gens, self.config.image_latent_shape, self.device)
         with self._autocast(amp):
-            z = denoise(self.image_unet, new_scheduler(), noise, generators=gens, stochastic=stochastic,
+            z = denoise(self.image_unet, new_scheduler("image"), noise, generators=gens, stochastic=stochastic,
                         controlnet=self.image_controlnet, condition=self.one_hot(labels),
                         conditioning_scale=conditioning_scale, progress=progress, desc="images")
             return self._decode("image", z, tile, seeds).clamp_(0.0, 1.0)

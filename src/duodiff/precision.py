@@ -195,7 +195,7 @@ def _run_stage(pipe: DuoDiffusion, stage: str, dtype: torch.dtype, condition: to
     device = pipe.device
     gens = stage_generators([0], stage)
     noise = initial_noise(gens, getattr(cfg, f"{stage}_latent_shape"), device)
-    sched = make_scheduler("ddim", cfg.scheduler)
+    sched = make_scheduler("ddim", cfg.schedule_of(stage))
     sched.set_timesteps(num_steps, device=device)
     amp = (contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device.type, dtype=dtype))
     with torch.inference_mode(), amp:

@@ -26,8 +26,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"labels         {', '.join(f'{i}={n}' for i, n in enumerate(c.label_names))}")
     print(f"label latent   {c.label_latent_shape}  scale_factor {c.label_scale_factor:.4g}")
     print(f"image latent   {c.image_latent_shape}  scale_factor {c.image_scale_factor:.4g}")
-    print(f"scheduler      {c.scheduler.num_train_timesteps} steps, {c.scheduler.schedule}, "
-          f"{c.scheduler.prediction_type}")
+    for what, s in (("scheduler", c.scheduler), ("image sched.", c.image_scheduler)):
+        if s is not None:
+            print(f"{what:<14} {s.num_train_timesteps} steps, {s.schedule}, {s.prediction_type}")
     if c.attributes:
         print(f"attributes     {', '.join(c.attributes)}")
     total = 0

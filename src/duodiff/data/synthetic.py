@@ -220,7 +220,8 @@ class SyntheticPairDataset(Dataset):
             )
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
-        check_num_inference_steps(num_inference_steps, pipe.config.scheduler)
+        for kind in ("label", "image"):
+            check_num_inference_steps(num_inference_steps, pipe.config.schedule_of(kind))
         check_scheduler_name(scheduler)
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable (e.g. a monai.transforms.Compose), got {transform!r}.")

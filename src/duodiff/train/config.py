@@ -86,7 +86,12 @@ class ModelConfig(_Config):
         preset: ``"tiny"``, ``"hippocampus"`` or ``"paper"``.
         volume_shape: ``(H, W, D)`` crop/pad size in voxels (empty = preset default).
         label_names: class names, background first (empty = from ``dataset.json``).
-        prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"`` (both diffusion UNets, unless the next key is set).
+        image_prediction_type: the image UNet's and ControlNet's prediction type when it differs from
+            ``prediction_type`` (saved as the model's ``image_scheduler``); empty = ``prediction_type``. With an
+            epsilon model of a large, weakly compressed latent, DDIM's clean-sample estimate divides the noise
+            error by sqrt(alpha-bar) (~15x at t = 999) and samples drift; ``"v_prediction"`` (Salimans & Ho
+            2022) has no such division.
         attributes: label-LDM conditions (e.g. ``["volume"]``) for attribute-conditioned generation.
         label_autoencoder / image_autoencoder / label_unet / image_unet: tables (``[model.image_autoencoder]``)
             of settings that replace the preset's for that component, e.g. ``channels = [32, 64]`` and
@@ -106,6 +111,7 @@ class ModelConfig(_Config):
     volume_shape: tuple[int, ...] = ()
     label_names: tuple[str, ...] = ()
     prediction_type: str = "epsilon"
+    image_prediction_type: str = ""
     attributes: tuple[str, ...] = ()
     label_autoencoder: dict = field(default_factory=dict)
     image_autoencoder: dict = field(default_factory=dict)
@@ -125,6 +131,10 @@ class ModelConfig(_Config):
                 f"[model].init_from={self.init_from!r} with init_components={list(self.init_components)}: set both, "
                 f"with init_components one of {[list(c) for c in allowed_init]} (a label UNet needs its autoencoder)."
             )
+        for key in ("prediction_type", "image_prediction_type"):
+            value = getattr(self, key)
+            if value not in ("epsilon", "v_prediction") and not (key == "image_prediction_type" and value == ""):
+                raise ConfigError(f"[model].{key} must be 'epsilon' or 'v_prediction', got {value!r}.")
         for comp in self.init_components:
             if getattr(self, comp):
                 raise ConfigError(f"[model.{comp}] changes a component that init_components takes from "

@@ -142,16 +142,27 @@ class Trainer:
 
     def load_pipeline(self) -> DuoDiffusion:
         """The run's pipeline: the saved one, or a fresh preset (weights seeded by ``seed``)."""
-        if (self.model_dir / keys.MODEL_INDEX).is_file():
-            return self._record_preprocessing(DuoDiffusion.from_pretrained(self.model_dir))
-        data = self.data
         m = self.cfg.model
+        if (self.model_dir / keys.MODEL_INDEX).is_file():
+            pipe = DuoDiffusion.from_pretrained(self.model_dir)
+            saved = pipe.config.schedule_of("image").prediction_type
+            if saved != (m.image_prediction_type or m.prediction_type):
+                raise ConfigError(
+                    f"The model in {str(self.model_dir)!r} has an image side trained with prediction_type "
+                    f"{saved!r}, but [model] asks for {m.image_prediction_type or m.prediction_type!r}. Use the "
+                    "saved value, or train into a new output_dir."
+                )
+            return self._record_preprocessing(pipe)
+        data = self.data
         pipe = DuoDiffusion.from_preset(
             m.preset, num_classes=len(self.label_values), volume_shape=tuple(data.images.shape[2:]),
             spacing=self._spacing(), label_names=self._label_names() or None, image_channels=int(data.images.shape[1]),
             prediction_type=m.prediction_type, attributes=m.attributes, init_seed=self.cfg.seed,
             overrides=m.overrides,
         )
+        if m.image_prediction_type and m.image_prediction_type != m.prediction_type:
+            image = pipe.config.scheduler.replace(prediction_type=m.image_prediction_type)
+            pipe = DuoDiffusion(pipe.config.replace(image_scheduler=image), pipe.components())
         if m.init_from:
             pipe = self._init_from(pipe)
         return self._record_preprocessing(pipe)
@@ -175,8 +186,11 @@ class Trainer:
             )
         changes: dict = {"label_autoencoder": sc.label_autoencoder, "label_scale_factor": sc.label_scale_factor}
         if "label_unet" in m.init_components:
+            # the label UNet keeps the schedule it was trained with; the image side keeps this run's
+            image = pc.schedule_of("image")
             changes.update(label_unet=sc.label_unet, attributes=sc.attributes, attribute_mean=sc.attribute_mean,
-                           attribute_std=sc.attribute_std)
+                           attribute_std=sc.attribute_std, scheduler=sc.scheduler,
+                           image_scheduler=None if image == sc.scheduler else image)
         comps = pipe.components() | {c: getattr(src, c) for c in m.init_components}
         info = {"finished": True, "steps": 0, "seconds": 0.0, "init_from": m.init_from}
         if self.di.is_main:
@@ -362,8 +376,8 @@ class Trainer:
                                    context_dim=pc.label_unet.cross_attention_dim,
                                    condition_dropout=scfg.condition_dropout)
                 info["attribute_mean"], info["attribute_std"] = list(pc.attribute_mean), list(pc.attribute_std)
-            unet, finished = run_stage(run_name, unet, diffusion_loss(latents, pc.scheduler, **attr_kwargs), scfg,
-                                       use_ema=True, **common)
+            loss = diffusion_loss(latents, pc.schedule_of(kind), **attr_kwargs)
+            unet, finished = run_stage(run_name, unet, loss, scfg, use_ema=True, **common)
             self.trained[stage] = unet
             pipe = DuoDiffusion(pc, pipe.components() | {stage: unet.cpu()})
         else:  # image_controlnet
@@ -381,7 +395,7 @@ class Trainer:
                     monai_log.setLevel(level)
             one_hot = F.one_hot(data.labels[:, 0].long(), pc.num_classes).movedim(-1, 1).float()
             model = ControlledUNet(pipe.image_unet, controlnet)
-            loss = diffusion_loss(latents, pc.scheduler, one_hot=one_hot)
+            loss = diffusion_loss(latents, pc.schedule_of("image"), one_hot=one_hot)
             trained, finished = run_stage(run_name, model, loss, scfg, use_ema=True, **common)
             self.trained[stage] = trained.controlnet
             pipe = DuoDiffusion(pc, pipe.components() | {stage: trained.controlnet.cpu()})
