@@ -23,7 +23,8 @@ from ..threads import GENERATION_THREADS, check_num_threads, intra_op_threads
 if TYPE_CHECKING:  # pragma: no cover
     from ..pipeline import DuoDiffusion
 
-__all__ = ["PairGenerator", "SAMPLE_KWARGS", "as_item", "check_index", "check_device_usable", "model_fingerprint"]
+__all__ = ["PairGenerator", "GeneratorBacked", "SAMPLE_KWARGS", "as_item", "check_index", "check_device_usable",
+           "model_fingerprint"]
 
 #: The ``DuoDiffusion.sample`` options a dataset may pass to every generation call (``sample_kwargs``).
 SAMPLE_KWARGS = ("class_volumes", "guidance_scale", "volume_tolerance", "qc", "qc_threshold", "max_retries",
@@ -167,3 +168,27 @@ class PairGenerator:
                                    conditioning_scale=g["conditioning_scale"], progress=False,
                                    **self.sample_kwargs)
         return [as_item(out.images[i], out.labels[i], out.affine, s) for i, s in enumerate(out.seeds)]
+
+
+class GeneratorBacked:
+    """What the model-backed datasets share through their :class:`PairGenerator` (``self.generator``)."""
+
+    generator: PairGenerator
+
+    @property
+    def pipe(self) -> DuoDiffusion:
+        return self.generator.pipe
+
+    @property
+    def generation(self) -> dict[str, Any]:
+        """The settings that decide the pairs (steps, scheduler, resolved dtype, conditioning scale, ...)."""
+        return self.generator.generation
+
+    def _describe(self) -> str:
+        """``volume_shape=..., device=..., <generation settings>`` for ``__repr__``."""
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.generation.items())
+        return f"volume_shape={tuple(self.pipe.config.volume_shape)}, device={self.pipe.device}, {settings}"
+
+    def _generate(self, seeds: list[int]) -> list[dict[str, Any]]:
+        """The items of ``seeds`` (one generation call, no transform); tests replace it to count calls."""
+        return self.generator.generate(seeds)

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..threads import GENERATION_THREADS
-from .generation import PairGenerator, check_device_usable
+from .generation import GeneratorBacked, PairGenerator, check_device_usable
 from .pool import GenerationPool
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,7 +53,7 @@ def stream_position(rank: int = 0, world_size: int = 1) -> tuple[int, int]:
     return rank * num_workers + worker, world_size * num_workers
 
 
-class StreamingSyntheticPairDataset(IterableDataset):
+class StreamingSyntheticPairDataset(GeneratorBacked, IterableDataset):
     """Endless synthetic (image, label) pairs from a :class:`~duodiff.DuoDiffusion` model, made while you train.
 
     Why a stream: every pair is new (no synthetic sample is seen twice), and generation overlaps training.
@@ -128,19 +128,8 @@ class StreamingSyntheticPairDataset(IterableDataset):
         # main process set with set_epoch() when they start their next iteration.
         self._shared_epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
-    @property
-    def pipe(self) -> DuoDiffusion:
-        return self.generator.pipe
-
-    @property
-    def generation(self) -> dict[str, Any]:
-        """The settings that decide the pairs (steps, scheduler, resolved dtype, conditioning scale, ...)."""
-        return self.generator.generation
-
     def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v!r}" for k, v in self.generation.items())
-        return (f"StreamingSyntheticPairDataset(seed={self.seed}, volume_shape={tuple(self.pipe.config.volume_shape)}, "
-                f"device={self.pipe.device}, {settings}, pool_size={self.pool_size}, "
+        return (f"StreamingSyntheticPairDataset(seed={self.seed}, {self._describe()}, pool_size={self.pool_size}, "
                 f"generation_batch_size={self.generation_batch_size})")
 
     def __len__(self) -> int:
@@ -172,9 +161,6 @@ class StreamingSyntheticPairDataset(IterableDataset):
         k, streams = stream_position(rank, world)
         base = self.seed + int(self._shared_epoch.item()) * EPOCH_SEED_STRIDE + k
         return (base + m * streams for m in itertools.count())
-
-    def _generate(self, seeds: list[int]) -> list[dict[str, Any]]:
-        return self.generator.generate(seeds)
 
     def _items(self, seeds: Iterator[int]) -> Iterator[Any]:
         """Transformed items of ``seeds``, ``generation_batch_size`` per generation call (runs in the pool thread)."""

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from .. import keys
 from ..threads import GENERATION_THREADS
-from .generation import PairGenerator, as_item, check_index
+from .generation import GeneratorBacked, PairGenerator, as_item, check_index
 from .pair_folder import PairFolderDataset
 from .streaming import EPOCH_SEED_STRIDE, StreamingSyntheticPairDataset, stream_position
 
@@ -46,7 +46,7 @@ def _stream(pipe: DuoDiffusion, num_samples: None = None, *, cache_dir: Any = No
     return StreamingSyntheticPairDataset(pipe, **options)
 
 
-class SyntheticPairDataset(Dataset, metaclass=abc.ABCMeta):
+class SyntheticPairDataset(GeneratorBacked, Dataset, metaclass=abc.ABCMeta):
     """Synthetic (image, label) pairs from a :class:`~duodiff.DuoDiffusion` model, as a map-style dataset.
 
     Why: a fixed, reproducible synthetic set that any sampler can index (``DistributedSampler``,
@@ -162,27 +162,13 @@ class SyntheticPairDataset(Dataset, metaclass=abc.ABCMeta):
         """
         return PairFolderDataset(folder, transform=transform)
 
-    @property
-    def pipe(self) -> DuoDiffusion:
-        return self.generator.pipe
-
-    @property
-    def generation(self) -> dict[str, Any]:
-        """The settings that decide the pairs (steps, scheduler, resolved dtype, conditioning scale, ...)."""
-        return self.generator.generation
-
     # ------------------------------------------------------------------ map-style access
     def __len__(self) -> int:
         return self.num_samples
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(num_samples={self.num_samples}, seed={self.seed}, "
-            f"volume_shape={tuple(self.pipe.config.volume_shape)}, device={self.pipe.device}, "
-            f"{', '.join(f'{k}={v!r}' for k, v in self.generation.items())}"
-            + (f", cache_dir={str(self.cache_dir)!r}" if self.cache_dir is not None else "")
-            + ")"
-        )
+        cache = f", cache_dir={str(self.cache_dir)!r}" if self.cache_dir is not None else ""
+        return f"{type(self).__name__}(num_samples={self.num_samples}, seed={self.seed}, {self._describe()}{cache})"
 
     def seed_of(self, index: int) -> int:
         """The seed of item ``index`` (``seed + index``)."""
@@ -198,9 +184,6 @@ class SyntheticPairDataset(Dataset, metaclass=abc.ABCMeta):
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}.")
 
     # ------------------------------------------------------------------ generation + cache
-    def _generate(self, seeds: list[int]) -> list[dict[str, Any]]:
-        return self.generator.generate(seeds)
-
     def cache_path(self, seed: int) -> Path:
         """The cache file of the pair made from ``seed`` (needs ``cache_dir``)."""
         from ..output import sample_name
