@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .folders import find_cases, read_case
+from .folders import Case, find_cases, read_case
 from .generation import as_item, check_index
 
 __all__ = ["PairFolderDataset"]
@@ -49,22 +49,27 @@ class PairFolderDataset(Dataset):
     def __init__(self, folder: str | os.PathLike, *, transform: Callable[[dict[str, Any]], Any] | None = None) -> None:
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable (e.g. a monai.transforms.Compose), got {transform!r}.")
-        self.cases = find_cases(folder)
+        self._cases = find_cases(folder)
         self.folder = Path(folder)
         self.transform = transform
 
     @property
+    def cases(self) -> list[Case]:
+        """The pairs of the folder, sorted by name (:class:`~duodiff.data.folders.Case`: name, image files, label)."""
+        return list(self._cases)
+
+    @property
     def num_samples(self) -> int:
-        return len(self.cases)
+        return len(self._cases)
 
     def __len__(self) -> int:
-        return len(self.cases)
+        return len(self._cases)
 
     def __repr__(self) -> str:
         return f"PairFolderDataset(folder={str(self.folder)!r}, num_samples={self.num_samples})"
 
     def __getitem__(self, index: int) -> Any:
-        case = self.cases[check_index(index, len(self))]
+        case = self._cases[check_index(index, len(self))]
         pair = read_case(case)  # the shared checks: same grid, integer labels (never truncated), no NaN
         match = _SEED_IN_NAME.search(case.name)
         item = as_item(torch.from_numpy(pair.image), torch.from_numpy(pair.label), pair.affine,
