@@ -297,7 +297,7 @@ def test_missing_key_is_named():
 def test_step_schedule_in_mix_loaders():
     real = DataLoader(Dicts(15), batch_size=3)  # 5 steps
     mixed = mix_loaders(real, Dicts(100, 1000), synthetic_fraction=0.5, schedule="linear",
-                        final_synthetic_fraction=0.0, num_epochs=1)
+                        final_synthetic_fraction=0.0, num_epochs=1, schedule_unit="step")
     counts = [int(b["is_synthetic"].sum()) for b in mixed]
     assert counts == [3, 2, 1, 0, 0]  # f = 0.5, 0.375, 0.25, 0.125, 0 -> round_half_up(f * 3 / (1 - f))
     with pytest.raises(ValueError, match="fraction < 1"):

@@ -15,7 +15,8 @@ from monai.data import MetaTensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from duodiff import SyntheticPairDataset
-from duodiff.data.synthetic import EPOCH_SEED_STRIDE, StreamingSyntheticPairDataset, _check_device_usable
+from duodiff.data.generation import check_device_usable as _check_device_usable
+from duodiff.data.synthetic import EPOCH_SEED_STRIDE, StreamingSyntheticPairDataset
 from duodiff.io import read_nifti, write_json, write_nifti
 from duodiff.testing import phantom_pair
 from duodiff.threads import GENERATION_THREADS, intra_op_threads

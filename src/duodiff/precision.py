@@ -143,7 +143,7 @@ def _processor_name(device: torch.device) -> str:
 
 def _fingerprint(pipe: DuoDiffusion) -> str:
     """The model's fingerprint (config and weights), hashed again only after its weights changed."""
-    from .data.synthetic import model_fingerprint
+    from .data.generation import model_fingerprint
 
     # each tensor's storage and in-place version counter: cheap to read, and they change when the weights do
     state = tuple((t.data_ptr(), t._version) for m in pipe.modules()

@@ -1,141 +1,66 @@
-"""`SyntheticPairDataset`: synthetic (image, label) pairs as a PyTorch dataset.
+"""`SyntheticPairDataset`: synthetic (image, label) pairs as a map-style PyTorch dataset.
 
-Two modes, chosen by ``num_samples``:
-
-* **map-style** (``num_samples=N``): item ``i`` is the pair made from seed ``seed + i``, generated on
-  demand (optionally cached on disk). The same ``i`` gives the same pair in every run, every DataLoader
-  worker and from the cache.
-* **streaming** (``num_samples=None``): an endless iterable. A background thread keeps a pool of
-  up to ``pool_size`` ready pairs, generated on the model's device while the consumer trains.
-
-Items are MONAI-style dicts ``{"image": MetaTensor (C, H, W, D) float32 in [0, 1], "label": MetaTensor
-(1, H, W, D) int64, "is_synthetic": True, "seed": int}``; the MetaTensors carry the affine.
+Item ``i`` is the pair made from seed ``seed + i``, generated on demand (optionally cached on disk). The same
+``i`` gives the same pair in every run, every DataLoader worker and from the cache. The other two forms are
+their own classes: :class:`~duodiff.data.StreamingSyntheticPairDataset` (endless, generated in a background
+pool; also what ``SyntheticPairDataset(pipe, num_samples=None)`` builds) and
+:class:`~duodiff.data.PairFolderDataset` (pairs saved by ``duodiff sample``; :meth:`SyntheticPairDataset.from_folder`).
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import hashlib
-import itertools
-import json
+import abc
 import os
-import queue
-import re
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 
 from .. import keys
-from ..threads import GENERATION_THREADS, check_num_threads, intra_op_threads
+from ..threads import GENERATION_THREADS
+from .generation import GeneratorBacked, PairGenerator, as_item, check_index
+from .pair_folder import PairFolderDataset
+from .streaming import EPOCH_SEED_STRIDE, StreamingSyntheticPairDataset, stream_position
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..pipeline import DuoDiffusion
-    from .folders import Case
 
 __all__ = ["SyntheticPairDataset", "StreamingSyntheticPairDataset", "stream_position", "EPOCH_SEED_STRIDE"]
 
-#: ``set_epoch(e)`` on a streaming dataset starts its seeds at ``seed + e * EPOCH_SEED_STRIDE``.
-EPOCH_SEED_STRIDE = 2**32
-
 _CACHE_FORMAT = "duodiff-pair-v1"
-_SEED_IN_NAME = re.compile(r"_s(\d+)$")
 _UNSET = object()
+_STREAM_ONLY = ("rank", "world_size", "pool_size", "generation_batch_size")
 
 
-def _resolve_rank(rank: int | None, world_size: int | None, fallback: tuple[int, int] | None) -> tuple[int, int]:
-    """(rank, world_size): explicit arguments, else torch.distributed, else ``fallback``, else (0, 1)."""
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return fallback or (0, 1)
-
-
-def _check_rank(rank: int | None, world_size: int | None) -> None:
-    if (rank is None) != (world_size is None):
-        raise ValueError(f"Pass rank and world_size together (got rank={rank!r}, world_size={world_size!r}).")
-    if world_size is not None:
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be a positive int, got {world_size!r}.")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}.")
-
-
-def stream_position(rank: int = 0, world_size: int = 1) -> tuple[int, int]:
-    """This process's stream: ``(stream_index, num_streams)`` over DDP ranks and DataLoader workers.
-
-    Stream ``k`` of ``S`` yields seed offsets ``k, k + S, k + 2S, ...``, so the streams of all ranks and
-    workers together cover ``0, 1, 2, ...`` with no offset repeated or skipped.
-    """
-    info = get_worker_info()
-    worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    return rank * num_workers + worker, world_size * num_workers
-
-
-def _check_device_usable(pipe: DuoDiffusion) -> None:
-    """Fail clearly (instead of a cryptic CUDA error) when generating on CUDA in a forked worker."""
-    device = pipe.device
-    if device.type == "cuda" and torch.cuda._is_in_bad_fork():
-        info = get_worker_info()
-        where = f"DataLoader worker {info.id}" if info is not None else "a forked process"
-        raise RuntimeError(
-            f"SyntheticPairDataset cannot generate on {device} inside {where}: CUDA cannot be used in a process "
-            "forked after CUDA was initialised. Supported setups: (1) stream in the main process, "
-            "SyntheticPairDataset(pipe, num_samples=None) with DataLoader(num_workers=0) — its background pool "
-            "already overlaps generation with training; (2) DataLoader(..., num_workers=k, "
-            "multiprocessing_context='spawn'); (3) generate on CPU in workers (pipe.to('cpu')); or (4) write "
-            "pairs with `duodiff sample` and read them with SyntheticPairDataset.from_folder()."
+def _stream(pipe: DuoDiffusion, num_samples: None = None, *, cache_dir: Any = None,
+            **options: Any) -> StreamingSyntheticPairDataset:
+    """``SyntheticPairDataset(pipe, num_samples=None, **options)``: the stream with the same options."""
+    if cache_dir is not None:
+        raise ValueError(
+            "cache_dir works with map-style datasets only (num_samples=N); a stream makes fresh pairs forever. "
+            "Pass num_samples=N to cache, or drop cache_dir."
         )
+    return StreamingSyntheticPairDataset(pipe, **options)
 
 
-def model_fingerprint(pipe: DuoDiffusion, generation: dict[str, Any]) -> str:
-    """A hex digest of the model's config and weights and the generation settings (cache key)."""
-    h = hashlib.sha256()
-    h.update(json.dumps(pipe.config.to_dict(), sort_keys=True, default=str).encode())
-    h.update(json.dumps(generation, sort_keys=True, default=str).encode())
-    for name in keys.COMPONENTS:
-        for pname, tensor in sorted(getattr(pipe, name).state_dict().items()):
-            t = tensor.detach().to("cpu").contiguous()
-            h.update(f"{name}.{pname}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:20]
+class SyntheticPairDataset(GeneratorBacked, Dataset, metaclass=abc.ABCMeta):
+    """Synthetic (image, label) pairs from a :class:`~duodiff.DuoDiffusion` model, as a map-style dataset.
 
-
-def _as_item(image: torch.Tensor, label: torch.Tensor, affine: np.ndarray | torch.Tensor, seed: int,
-             label_affine: np.ndarray | torch.Tensor | None = None) -> dict[str, Any]:
-    from monai.data import MetaTensor
-
-    aff = torch.as_tensor(np.asarray(affine), dtype=torch.float64)
-    laff = aff if label_affine is None else torch.as_tensor(np.asarray(label_affine), dtype=torch.float64)
-    return {
-        keys.IMAGE: MetaTensor(image, affine=aff.clone()),
-        keys.LABEL: MetaTensor(label, affine=laff.clone()),
-        keys.IS_SYNTHETIC: True,
-        keys.SEED: int(seed),
-    }
-
-
-class SyntheticPairDataset(Dataset):
-    """Synthetic (image, label) pairs from a :class:`~duodiff.DuoDiffusion` model, as a PyTorch dataset.
-
-    ``num_samples=N`` gives a map-style dataset of ``N`` pairs (item ``i`` is made from seed ``seed + i``);
-    ``num_samples=None`` gives an endless :class:`StreamingSyntheticPairDataset` (a subclass, and an
-    ``IterableDataset``) fed by a background generation thread.
+    Why: a fixed, reproducible synthetic set that any sampler can index (``DistributedSampler``,
+    :class:`~duodiff.MixedBatchSampler` over ``ConcatDataset([real, synthetic])``) and that a cache can keep.
+    Item ``i`` is made from seed ``seed + i``.
 
     Items are dicts ``{"image": MetaTensor (C, H, W, D) float32 in [0, 1], "label": MetaTensor (1, H, W, D)
     int64, "is_synthetic": True, "seed": int}`` with the model's affine, passed through ``transform``
     when one is given.
 
-    Workers and DDP: a map-style dataset is sharded by the sampler (``DistributedSampler`` or
-    :class:`~duodiff.MixedBatchSampler`); a streaming one shards itself: rank ``r`` of ``R`` with
-    worker ``w`` of ``W`` uses seeds ``seed + k + j * R * W`` (``k = r * W + w``), so no seed is made twice
-    and none is skipped. The rank comes from ``rank``/``world_size``, else ``torch.distributed``.
+    ``num_samples=None`` builds a :class:`~duodiff.data.StreamingSyntheticPairDataset` instead (endless, an
+    ``IterableDataset``; it takes ``pool_size``, ``generation_batch_size``, ``rank`` and ``world_size``), and
+    :meth:`from_folder` a :class:`~duodiff.data.PairFolderDataset`. Both count as ``SyntheticPairDataset`` in
+    ``isinstance`` checks. A map-style dataset is sharded by its sampler, not by ``rank``.
 
     Example:
         >>> from duodiff.testing import tiny_pipeline
@@ -146,8 +71,8 @@ class SyntheticPairDataset(Dataset):
 
     Args:
         pipe: the model. Generation runs on ``pipe.device``.
-        num_samples: number of pairs (map-style), or ``None`` for an endless stream.
-        seed: seed of item 0 (map-style) or first seed of the stream.
+        num_samples: number of pairs (``None``: an endless stream, see above).
+        seed: seed of item 0.
         num_inference_steps: denoising steps per stage.
         scheduler: a sampler of :data:`duodiff.schedulers.SAMPLERS` (``"ddim"``, ``"dpmsolver++"``, ...).
         dtype: autocast dtype for generation: ``"auto"`` (default; the fastest dtype within tolerance of float32,
@@ -156,20 +81,14 @@ class SyntheticPairDataset(Dataset):
             resolved name is in ``generation["dtype"]``.
         conditioning_scale: ControlNet residual multiplier.
         transform: callable applied to every item dict (MONAI dict transforms, a ``Compose``, ...).
-        cache_dir: map-style only: keep generated pairs as safetensors files in
-            ``cache_dir/<model fingerprint>/`` and read them back on later requests. Writes are atomic,
-            so several workers or processes can share one folder. The fingerprint covers the model's
-            config and weights and the generation settings; do not change the weights while caching.
-        pool_size: streaming only: number of ready pairs kept in memory (at most
-            ``pool_size + generation_batch_size`` pairs exist at once).
+        cache_dir: keep generated pairs as safetensors files in ``cache_dir/<model fingerprint>/`` and read
+            them back on later requests. Writes are atomic, so several workers or processes can share one
+            folder. The fingerprint covers the model's config and weights and the generation settings; do not
+            change the weights while caching.
         sample_kwargs: extra ``DuoDiffusion.sample`` options applied to every generation call: any of
             ``class_volumes``, ``guidance_scale``, ``volume_tolerance``, ``qc``, ``qc_threshold``, ``max_retries``,
             ``decode_tile_size`` (see :doc:`control`). With ``qc`` or ``volume_tolerance`` an item's ``"seed"`` is
             the seed that produced the accepted pair.
-        generation_batch_size: streaming only: pairs per generation call. Values of streamed pairs are
-            reproducible for a fixed batch size; with ``1`` they equal the map-style items bit for bit.
-        rank: streaming only: this process's DDP rank (default: from ``torch.distributed``).
-        world_size: streaming only: number of DDP processes (pass together with ``rank``).
         num_threads: intra-op threads used to generate on the CPU (default 1, what every DataLoader worker
             uses). CPU convolutions sum in an order that depends on the thread count, so a pinned count is what
             makes item ``i`` bit-identical in the main process, in forked, spawned or persistent workers and
@@ -178,17 +97,26 @@ class SyntheticPairDataset(Dataset):
             cores; items then match only where the thread counts match). Ignored on CUDA.
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> SyntheticPairDataset:
-        if cls is SyntheticPairDataset:
-            num_samples = kwargs.get("num_samples", args[1] if len(args) > 1 else _UNSET)
-            if num_samples is None:
-                cls = StreamingSyntheticPairDataset
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # Only the one-class spelling of the stream: SyntheticPairDataset(pipe, num_samples=None, ...) returns
+        # StreamingSyntheticPairDataset(pipe, ...), built by its own constructor (it is no subclass, so Python
+        # does not call __init__ again). Every other call builds this class normally.
+        num_samples = kwargs.get("num_samples", args[1] if len(args) > 1 else _UNSET)
+        if cls is SyntheticPairDataset and num_samples is None:
+            return _stream(*args, **kwargs)
+        given = [name for name in _STREAM_ONLY if kwargs.get(name) is not None]
+        if given:
+            raise ValueError(
+                f"{'/'.join(given)} apply to streaming datasets only (num_samples=None). A map-style dataset is "
+                "sharded by its sampler: use torch.utils.data.DistributedSampler or "
+                "duodiff.MixedBatchSampler(rank=..., num_replicas=...)."
+            )
         return super().__new__(cls)
 
     def __init__(
         self,
         pipe: DuoDiffusion,
-        num_samples: int | None,
+        num_samples: int,
         *,
         seed: int = 0,
         num_inference_steps: int = 50,
@@ -197,187 +125,65 @@ class SyntheticPairDataset(Dataset):
         conditioning_scale: float = 1.0,
         transform: Callable[[dict[str, Any]], Any] | None = None,
         cache_dir: str | os.PathLike | None = None,
-        pool_size: int = 16,
-        generation_batch_size: int = 4,
-        rank: int | None = None,
-        world_size: int | None = None,
         sample_kwargs: dict[str, Any] | None = None,
         num_threads: int | None = GENERATION_THREADS,
     ) -> None:
-        from ..pipeline import DuoDiffusion
-        from ..precision import choose_dtype, is_auto
-        from ..schedulers import check_num_inference_steps, check_scheduler_name
-
-        if not isinstance(pipe, DuoDiffusion):
-            raise TypeError(
-                f"pipe must be a DuoDiffusion model, got {type(pipe).__name__}. Load one with "
-                "DuoDiffusion.from_pretrained(...), or read saved pairs with SyntheticPairDataset.from_folder(dir)."
-            )
-        streaming = num_samples is None
-        if not streaming and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(
                 f"num_samples must be a positive int (map-style) or None (endless stream), got {num_samples!r}."
             )
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
-        for kind in ("label", "image"):
-            check_num_inference_steps(num_inference_steps, pipe.config.schedule_of(kind))
-        check_scheduler_name(scheduler)
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable (e.g. a monai.transforms.Compose), got {transform!r}.")
-        for name, value in (("pool_size", pool_size), ("generation_batch_size", generation_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
-        if streaming and cache_dir is not None:
-            raise ValueError(
-                "cache_dir works with map-style datasets only (num_samples=N); a stream makes fresh pairs forever. "
-                "Pass num_samples=N to cache, or drop cache_dir."
-            )
-        _check_rank(rank, world_size)
-        if not streaming and rank is not None:
-            raise ValueError(
-                "rank/world_size shard streaming datasets only. A map-style dataset is sharded by its sampler: "
-                "use torch.utils.data.DistributedSampler or duodiff.MixedBatchSampler(rank=..., num_replicas=...)."
-            )
-        check_num_threads(num_threads)
-        if is_auto(dtype):  # once, here: workers and the cache fingerprint must all see the same dtype
-            with intra_op_threads(num_threads, pipe.device):
-                dtype = str(choose_dtype(pipe, num_inference_steps)).removeprefix("torch.")
-        self.pipe = pipe
+        self.generator = PairGenerator(pipe, num_inference_steps=num_inference_steps, scheduler=scheduler,
+                                       dtype=dtype, conditioning_scale=conditioning_scale,
+                                       sample_kwargs=sample_kwargs, num_threads=num_threads)
         self.num_samples = num_samples
         self.seed = int(seed)
-        self.generation = {
-            "num_inference_steps": int(num_inference_steps),
-            "scheduler": str(scheduler),
-            "dtype": None if dtype is None else str(dtype),
-            "conditioning_scale": float(conditioning_scale),
-        }
-        allowed = {"class_volumes", "guidance_scale", "volume_tolerance", "qc", "qc_threshold", "max_retries",
-                   "decode_tile_size"}
-        unknown = sorted(set(sample_kwargs or {}) - allowed)
-        if unknown:
-            raise ValueError(f"sample_kwargs has unknown option(s) {unknown}; allowed: {sorted(allowed)}.")
-        self.sample_kwargs = dict(sample_kwargs or {})
-        volumes = self.sample_kwargs.get("class_volumes")
-        if volumes is not None:  # refuse impossible volumes here, not later inside a DataLoader worker
-            pipe.check_class_volumes(volumes, len(volumes) if isinstance(volumes, (list, tuple)) else 1)
-        if self.sample_kwargs:  # part of the cache fingerprint (a qc module by its class and threshold)
-            self.generation["sample_kwargs"] = repr(sorted(
-                (k, type(v).__name__ if k == "qc" else v) for k, v in self.sample_kwargs.items()
-            ))
-        self._dtype = dtype
         self.transform = transform
-        self.num_threads = num_threads
-        self.pool_size = pool_size
-        self.generation_batch_size = generation_batch_size
-        self.rank, self.world_size = rank, world_size
-        self._rank_at_init = _resolve_rank(None, None, None) if rank is None else None
-        self._epoch = 0
-        self._cases: list[Case] | None = None
-        self.folder: Path | None = None
         self.cache_dir: Path | None = None
         if cache_dir is not None:
-            self.cache_dir = Path(cache_dir) / model_fingerprint(pipe, self.generation)
+            self.cache_dir = Path(cache_dir) / self.generator.fingerprint()
             self.cache_dir.mkdir(parents=True, exist_ok=True)
 
-    # ------------------------------------------------------------------ reading saved pairs
     @classmethod
     def from_folder(
         cls, folder: str | os.PathLike, *, transform: Callable[[dict[str, Any]], Any] | None = None
-    ) -> SyntheticPairDataset:
+    ) -> PairFolderDataset:
         """A map-style dataset over pairs written by ``duodiff sample`` / :meth:`DuoSample.save`.
 
-        Reads ``folder/imagesTr/<name>_0000.nii.gz`` (one file per channel) and ``folder/labelsTr/<name>.nii.gz``,
-        or any MSD / nnU-Net v2 folder, sorted by name. Items have the same keys as generated ones; ``"seed"`` is
-        parsed from names ending in ``_s<seed>`` (``-1`` when a name has no seed). Cases are listed and read by
-        :mod:`duodiff.data.folders`, as ``duodiff train`` reads them (reoriented to RAS; the item's affine is the
-        reoriented one).
+        The same as ``PairFolderDataset(folder, transform=transform)``; see :class:`~duodiff.data.PairFolderDataset`
+        (``"seed"`` is parsed from names ending in ``_s<seed>``, ``-1`` when a name has none).
 
         Raises:
             FileNotFoundError: ``folder`` has no ``imagesTr``/``labelsTr`` pairs, or a label or image is unpaired.
             BadCaseError: (when an item is read) image and label on different grids, non-integer labels, NaN.
         """
-        from .folders import find_cases
-
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be callable (e.g. a monai.transforms.Compose), got {transform!r}.")
-        cases = find_cases(folder)
-        self = super().__new__(cls)
-        self.pipe = None
-        self.num_samples = len(cases)
-        self.seed = 0
-        self.generation = {}
-        self.sample_kwargs = {}
-        self.num_threads = None
-        self._dtype = None
-        self.transform = transform
-        self.pool_size = self.generation_batch_size = 1
-        self.rank = self.world_size = None
-        self._rank_at_init = None
-        self._epoch = 0
-        self._cases = cases
-        self.folder = Path(folder)
-        self.cache_dir = None
-        return self
+        return PairFolderDataset(folder, transform=transform)
 
     # ------------------------------------------------------------------ map-style access
     def __len__(self) -> int:
-        return int(self.num_samples)  # type: ignore[arg-type]
+        return self.num_samples
 
     def __repr__(self) -> str:
-        if self.folder is not None:
-            return f"SyntheticPairDataset(folder={str(self.folder)!r}, num_samples={self.num_samples})"
-        return (
-            f"{type(self).__name__}(num_samples={self.num_samples}, seed={self.seed}, "
-            f"volume_shape={tuple(self.pipe.config.volume_shape)}, device={self.pipe.device}, "
-            f"{', '.join(f'{k}={v!r}' for k, v in self.generation.items())}"
-            + (f", cache_dir={str(self.cache_dir)!r}" if self.cache_dir is not None else "")
-            + ")"
-        )
+        cache = f", cache_dir={str(self.cache_dir)!r}" if self.cache_dir is not None else ""
+        return f"{type(self).__name__}(num_samples={self.num_samples}, seed={self.seed}, {self._describe()}{cache})"
 
     def seed_of(self, index: int) -> int:
         """The seed of item ``index`` (``seed + index``)."""
-        return self.seed + self._check_index(index)
-
-    def _check_index(self, index: int) -> int:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer, torch.Tensor)):
-            raise TypeError(f"index must be an int, got {type(index).__name__}.")
-        i = int(index)
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {int(index)} is out of range for a dataset of {n} pairs.")
-        return i
+        return self.seed + check_index(index, len(self))
 
     def __getitem__(self, index: int) -> Any:
-        i = self._check_index(index)
-        if self._cases is not None:
-            item = self._read_case(self._cases[i])
-        else:
-            item = self._cached_or_generated(self.seed + i)
+        item = self._cached_or_generated(self.seed_of(index))
         return self.transform(item) if self.transform is not None else item
 
-    def _read_case(self, case: Case) -> dict[str, Any]:
-        from .folders import read_case
-
-        pair = read_case(case)  # the shared checks: same grid, integer labels (never truncated), no NaN
-        match = _SEED_IN_NAME.search(case.name)
-        return _as_item(torch.from_numpy(pair.image), torch.from_numpy(pair.label), pair.affine,
-                        int(match.group(1)) if match else -1)
+    def set_epoch(self, epoch: int) -> None:
+        """Accepted so training loops can call it on any dataset; item ``i`` is always seed ``seed + i``."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}.")
 
     # ------------------------------------------------------------------ generation + cache
-    def _generate(self, seeds: Sequence[int]) -> list[dict[str, Any]]:
-        """Generate the pairs of ``seeds`` in one call (no transform applied)."""
-        _check_device_usable(self.pipe)
-        g = self.generation
-        with intra_op_threads(self.num_threads, self.pipe.device):
-            out = self.pipe.sample(len(seeds), seed=list(seeds), num_inference_steps=g["num_inference_steps"],
-                                   scheduler=g["scheduler"], dtype=self._dtype,
-                                   conditioning_scale=g["conditioning_scale"], progress=False,
-                                   **self.sample_kwargs)
-        return [_as_item(out.images[i], out.labels[i], out.affine, s) for i, s in enumerate(out.seeds)]
-
     def cache_path(self, seed: int) -> Path:
         """The cache file of the pair made from ``seed`` (needs ``cache_dir``)."""
         from ..output import sample_name
@@ -401,8 +207,7 @@ class SyntheticPairDataset(Dataset):
 
         from ..io import atomic_write
 
-        num_classes = self.pipe.config.num_classes
-        label_dtype = torch.uint8 if num_classes <= 256 else torch.int32
+        label_dtype = torch.uint8 if self.pipe.config.num_classes <= 256 else torch.int32
         tensors = {
             keys.IMAGE: item[keys.IMAGE].as_tensor().contiguous(),
             keys.LABEL: item[keys.LABEL].as_tensor().to(label_dtype).contiguous(),
@@ -430,150 +235,11 @@ class SyntheticPairDataset(Dataset):
                 f"Cache file {str(path)!r} is not a duodiff pair for seed {seed} (metadata {meta}); delete it to "
                 "regenerate the pair."
             )
-        return _as_item(tensors[keys.IMAGE], tensors[keys.LABEL].long(), tensors["affine"].numpy(),
-                        int(meta.get(keys.SEED, seed)))
-
-    # ------------------------------------------------------------------ epochs
-    def set_epoch(self, epoch: int) -> None:
-        """Streaming: make the next iteration use fresh seeds (``seed + epoch * 2**32 + ...``).
-
-        Map-style datasets do not depend on the epoch (item ``i`` is always seed ``seed + i``); the call
-        is accepted so training loops can call it on any dataset.
-        """
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}.")
-        self._epoch = epoch
+        return as_item(tensors[keys.IMAGE], tensors[keys.LABEL].long(), tensors["affine"].numpy(),
+                       int(meta.get(keys.SEED, seed)))
 
 
-#: (stop event, thread) of every running generation pool; stopped and joined at interpreter exit so a
-#: thread still inside a torch op cannot abort the process ("terminate called without an active exception").
-_LIVE_POOLS: set[tuple[threading.Event, threading.Thread]] = set()
-_JOIN_TIMEOUT_S = 300.0
-
-
-def _stop_pool(stop: threading.Event, thread: threading.Thread) -> None:
-    """Stop a pool thread and wait for its current generation call to finish."""
-    stop.set()
-    if thread is not threading.current_thread():
-        thread.join(_JOIN_TIMEOUT_S)
-    _LIVE_POOLS.discard((stop, thread))
-
-
-@atexit.register
-def _stop_all_pools() -> None:
-    for stop, _ in list(_LIVE_POOLS):
-        stop.set()
-    for stop, thread in list(_LIVE_POOLS):
-        _stop_pool(stop, thread)
-
-
-class _Failure:
-    """Carries an exception from the generation thread to the consumer."""
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-class StreamingSyntheticPairDataset(SyntheticPairDataset, IterableDataset):
-    """The endless form of :class:`SyntheticPairDataset` (``num_samples=None``).
-
-    Iterating starts a daemon thread that generates ``generation_batch_size`` pairs at a time on the
-    model's device (its own CUDA stream on GPUs) and keeps up to ``pool_size`` of them ready; the
-    consumer takes pairs in seed order and only waits when the pool is empty. Closing (or dropping)
-    the iterator stops the thread after its current generation call, and waits for that call; so does
-    interpreter exit. Errors in the thread are re-raised in the consumer.
-
-    With DataLoader workers each worker runs its own thread over its own seed stream. On CUDA prefer
-    ``num_workers=0``: the thread already overlaps generation with training.
-    """
-
-    def __len__(self) -> int:
-        raise TypeError(
-            "A streaming SyntheticPairDataset (num_samples=None) is endless and has no length; take as many "
-            "items as you need, or pass num_samples=N for a map-style dataset."
-        )
-
-    def __getitem__(self, index: int) -> Any:
-        raise TypeError(
-            "A streaming SyntheticPairDataset (num_samples=None) cannot be indexed; iterate over it, or pass "
-            "num_samples=N for a map-style dataset where item i is seed + i."
-        )
-
-    # The epoch lives in a shared-memory tensor: DataLoader workers, forked or spawned, hold this very
-    # memory (torch hands shared tensors to workers by handle), so persistent workers read the epoch the
-    # main process set with set_epoch() when they start their next iteration.
-    @property
-    def _epoch(self) -> int:
-        return int(self._shared_epoch.item())
-
-    @_epoch.setter
-    def _epoch(self, epoch: int) -> None:
-        if "_shared_epoch" not in self.__dict__:
-            self._shared_epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._shared_epoch.fill_(int(epoch))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration use fresh seeds (``seed + epoch * 2**32 + ...``), in DataLoader workers too.
-
-        The epoch is kept in shared memory, so workers started before the call (``persistent_workers=True``)
-        use it from their next iteration on. Call it before ``iter(loader)``; an iteration already running
-        keeps its seeds. Without it, a new iteration replays the same sequence.
-        """
-        super().set_epoch(epoch)
-
-    def seed_stream(self) -> Iterator[int]:
-        """The seeds this process (rank + DataLoader worker) yields, in order (endless)."""
-        rank, world = _resolve_rank(self.rank, self.world_size, self._rank_at_init)
-        k, streams = stream_position(rank, world)
-        base = self.seed + self._epoch * EPOCH_SEED_STRIDE + k
-        return (base + m * streams for m in itertools.count())
-
-    def __iter__(self) -> Iterator[Any]:
-        _check_device_usable(self.pipe)
-        seeds = self.seed_stream()
-        pool: queue.Queue = queue.Queue(maxsize=self.pool_size)
-        stop = threading.Event()
-        thread = threading.Thread(target=self._produce, args=(seeds, pool, stop), daemon=True,
-                                  name="duodiff-synthetic-pool")
-        _LIVE_POOLS.add((stop, thread))
-        thread.start()
-        try:
-            while True:
-                try:
-                    item = pool.get(timeout=1.0)
-                except queue.Empty:
-                    if not thread.is_alive():
-                        raise RuntimeError("The synthetic generation thread stopped without an error.") from None
-                    continue
-                if isinstance(item, _Failure):
-                    raise RuntimeError(
-                        f"Generating synthetic pairs failed in the background thread: {item.exc!r}"
-                    ) from item.exc
-                yield item
-        finally:
-            _stop_pool(stop, thread)
-
-    def _produce(self, seeds: Iterator[int], pool: queue.Queue, stop: threading.Event) -> None:
-        def put(obj: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    pool.put(obj, timeout=0.2)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        try:
-            device = self.pipe.device
-            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-            ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-            with ctx:
-                while not stop.is_set():
-                    chunk = list(itertools.islice(seeds, self.generation_batch_size))
-                    for item in self._generate(chunk):
-                        if self.transform is not None:
-                            item = self.transform(item)
-                        if not put(item):
-                            return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises
-            put(_Failure(e))
+# The other two forms count as SyntheticPairDataset in isinstance checks (as before the split), without
+# inheriting the map-style methods.
+SyntheticPairDataset.register(StreamingSyntheticPairDataset)
+SyntheticPairDataset.register(PairFolderDataset)
