@@ -22,9 +22,9 @@ HELP_WITHOUT_CHECKOUT = """usage: duodiff bench [-h] [--threads N] [BENCHMARK OP
 Benchmark sampling speed and memory: runs benchmarks/bench_sampling.py of a source checkout of duodiff, passing
 every argument on unchanged (--threads N: torch intra-op CPU threads, checked first).
 
-This duodiff is installed without its source checkout ({where}), so the benchmark and its options are not
-available here. Clone the duodiff repository and `pip install -e .` it, then run `duodiff bench -h` (or `python
-benchmarks/bench_sampling.py -h`) there.
+The benchmark and its options are not available in this installation, which has no source checkout
+(no {script} under {root}). Clone the duodiff repository and `pip install -e .` it, then run
+`duodiff bench -h` (or `python benchmarks/bench_sampling.py -h`) there.
 """
 
 
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         path = script_path()
     except SourceCheckoutError:
         if "-h" in rest or "--help" in rest:
-            print(HELP_WITHOUT_CHECKOUT.format(where=f"no {SCRIPT} under {str(_checkout_root())!r}"), end="")
+            print(HELP_WITHOUT_CHECKOUT.format(script=SCRIPT, root=repr(str(_checkout_root()))), end="")
             return 0
         raise
     spec = importlib.util.spec_from_file_location("duodiff_bench_sampling", path)
