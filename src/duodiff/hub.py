@@ -364,7 +364,7 @@ def resolve_model_path(
     return Path(local)
 
 
-
+# ---------------------------------------------------------------------------------------- functional forms
 def load_pipeline(cls: type[HubMixin], path_or_repo_id: str | os.PathLike, **kwargs) -> HubMixin:
     """``cls.from_pretrained(path_or_repo_id, **kwargs)`` (kept for code written before :class:`HubMixin`)."""
     return cls.from_pretrained(path_or_repo_id, **kwargs)
