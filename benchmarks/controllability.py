@@ -53,7 +53,7 @@ def main() -> None:
 
 
     from duodiff import DuoDiffusion
-    from duodiff.preview import _require_matplotlib
+    from duodiff.optional import require_matplotlib
     from duodiff.train.data import load_split_cases
 
     out = Path(args.out)
@@ -121,7 +121,7 @@ def main() -> None:
             lines.append(f"| {gk.split('_')[1]} | {name} | {e['sweep']['spearman']:.3f} |")
     (out / "controllability.md").write_text("\n".join(lines) + "\n")
 
-    plt = _require_matplotlib()
+    plt = require_matplotlib()
     gks = list(results["classes"])
     names = list(c.label_names[1:])
     fig, axes = plt.subplots(1, len(gks), figsize=(4.5 * len(gks), 4), squeeze=False)

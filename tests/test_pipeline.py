@@ -9,7 +9,6 @@ import torch
 from conftest import make_tiny
 from duodiff import DuoDiffusion, DuoSample
 from duodiff.io import spacing_affine
-from duodiff.pipeline import resolve_dtype
 
 STEPS = 2
 
@@ -179,17 +178,6 @@ def test_images_depend_on_labels(tiny_pipe, out):
 
 
 # ------------------------------------------------------------------ dtypes / devices
-@pytest.mark.parametrize("name, expected", [("bf16", torch.bfloat16), ("float16", torch.float16),
-                                            ("fp32", torch.float32), (torch.bfloat16, torch.bfloat16), (None, None)])
-def test_resolve_dtype(name, expected):
-    assert resolve_dtype(name) is expected
-
-
-def test_resolve_dtype_rejects_others():
-    with pytest.raises(ValueError, match="torch.float64"):
-        resolve_dtype(torch.float64)
-
-
 def test_bf16_autocast_is_close_to_fp32_and_returns_float32(tiny_pipe, out):
     lab = out.labels[:1]
     kw = dict(seed=5, num_inference_steps=STEPS, progress=False)
@@ -255,3 +243,15 @@ def test_compile_keeps_results_and_weights(tmp_path):
     pipe.save_pretrained(tmp_path / "m")
     again = DuoDiffusion.from_pretrained(tmp_path / "m").sample(1, seed=3, num_inference_steps=2, progress=False)
     torch.testing.assert_close(again.images, before.images, rtol=1e-5, atol=1e-5)
+
+
+def test_to_takes_a_dtype_first_like_diffusers():
+    """``pipe.to(torch.bfloat16)`` / ``pipe.to("float32")`` cast without moving (diffusers' spelling)."""
+    from conftest import make_tiny
+
+    pipe = make_tiny(3)
+    assert pipe.to(torch.bfloat16) is pipe and pipe.dtype == torch.bfloat16 and pipe.device.type == "cpu"
+    assert pipe.to("float32").dtype == torch.float32
+    assert pipe.to("cpu", torch.float16).dtype == torch.float16
+    with pytest.raises(ValueError, match="dtype must be"):
+        pipe.to(torch.int8)

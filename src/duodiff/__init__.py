@@ -6,10 +6,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .bundled import load_bundled  # noqa: E402
-from .config import (  # noqa: E402
+from ._version import __version__
+from .bundled import load_bundled
+from .config import (
     AutoencoderConfig,
     ConfigError,
     ControlNetConfig,
@@ -17,10 +16,10 @@ from .config import (  # noqa: E402
     SchedulerConfig,
     UNetConfig,
 )
-from .data import MixedBatchSampler, SyntheticPairDataset, mix_loaders  # noqa: E402
-from .output import DuoSample  # noqa: E402
-from .pipeline import DuoDiffusion  # noqa: E402
-from .presets import PRESETS, make_config  # noqa: E402
+from .data import MixedBatchSampler, SyntheticPairDataset, mix_loaders
+from .output import DuoSample
+from .pipeline import DuoDiffusion
+from .presets import PRESETS, make_config
 
 __all__ = [
     "__version__",

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import keys
 from .config import AutoencoderConfig, ConfigError, PipelineConfig, UNetConfig
-from .hub import ModelLoadError, load_state_strict
+from .serialization import ModelLoadError, load_state_strict
 
 __all__ = [
     "ComponentImport",
@@ -93,7 +93,7 @@ def read_pipeline_config(path: str | os.PathLike) -> PipelineConfig:
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        from .hub import read_config
+        from .serialization import read_config
 
         return read_config(path)
     if not path.is_file():

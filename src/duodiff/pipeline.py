@@ -6,10 +6,8 @@ latent with a ControlNet that sees the one-hot label map at image resolution (th
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -30,6 +28,8 @@ from .attributes import (
 from .config import PipelineConfig
 from .control import qc_accepts, retry_seed, summarise, volumes_within_tolerance
 from .decoding import TileSize, check_tile_size, decode, describe_decode
+from .dtypes import autocast, autocast_dtype, is_dtype_name, resolve_dtype
+from .hub import HubMixin
 from .io import NonFiniteError, spacing_affine
 from .models import build_component
 from .output import DuoSample
@@ -38,34 +38,17 @@ from .presets import make_config
 from .sampling import denoise, initial_noise, is_stochastic, stage_generators
 from .schedulers import Sampler, check_num_inference_steps, check_scheduler_name, make_scheduler
 
-__all__ = ["DuoDiffusion", "resolve_dtype"]
+__all__ = ["DuoDiffusion", "resolve_dtype"]  # resolve_dtype: from duodiff.dtypes, re-exported for older code
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """Map ``"bf16"``/``"float16"``/``torch.float32``/... to a torch dtype (``None`` stays ``None``)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if isinstance(dtype, torch.dtype) and dtype not in _DTYPES.values():
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}.")
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch dtype (or 'auto' when sampling), "
-                     f"got {dtype!r}.")
-
-
-class DuoDiffusion:
+class DuoDiffusion(HubMixin):
     """Generates paired (image, label) volumes with two latent diffusion models.
 
     Components (MONAI networks): ``label_autoencoder``, ``label_unet``, ``image_autoencoder``,
     ``image_unet``, ``image_controlnet``; the noise schedule and volume metadata live in ``config``.
+    ``from_pretrained``, ``save_pretrained`` and ``push_to_hub`` come from :class:`~duodiff.hub.HubMixin`, which
+    saves ``config`` and ``components()`` and rebuilds the pipeline with ``DuoDiffusion(config, components)``.
 
     Example:
         >>> from duodiff import DuoDiffusion
@@ -129,29 +112,6 @@ class DuoDiffusion:
         )
         return cls.from_config(cfg, init_seed=init_seed)
 
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> DuoDiffusion:
-        """Load from a folder written by :meth:`save_pretrained` or a Hub repo id.
-
-        Keyword arguments: ``revision``, ``variant`` (``None`` or ``"fp16"``), ``dtype``, ``device``,
-        ``cache_dir``, ``local_files_only``, ``token``. See :func:`duodiff.hub.load_pipeline`.
-        """
-        from .hub import load_pipeline
-
-        return load_pipeline(cls, path_or_repo_id, **kwargs)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *, variant: str | None = None) -> None:
-        """Write ``model_index.json`` + one folder per component (config + safetensors), atomically."""
-        from .hub import save_pipeline
-
-        save_pipeline(self, save_directory, variant=variant)
-
-    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None, **kwargs: Any) -> str:
-        """Upload to the Hugging Face Hub with a generated model card; returns the commit URL."""
-        from .hub import push_pipeline
-
-        return push_pipeline(self, repo_id, private=private, token=token, **kwargs)
-
     # ------------------------------------------------------------------ properties
     def components(self) -> dict[str, nn.Module]:
         """The five networks by name."""
@@ -181,8 +141,7 @@ class DuoDiffusion:
         Like diffusers' ``DiffusionPipeline.to``, a dtype may come first: ``pipe.to(torch.float16)`` or
         ``pipe.to("bfloat16")`` cast without moving.
         """
-        names_dtype = isinstance(device, str) and device.lower() in _DTYPES
-        if dtype is None and (isinstance(device, torch.dtype) or names_dtype):
+        if dtype is None and (isinstance(device, torch.dtype) or is_dtype_name(device)):
             device, dtype = None, device
         dt = resolve_dtype(dtype)
         for m in self.modules():
@@ -213,11 +172,6 @@ class DuoDiffusion:
         )
 
     # ------------------------------------------------------------------ helpers
-    def _autocast(self, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-        if dtype is None or dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     def one_hot(self, labels: torch.Tensor) -> torch.Tensor:
         """int64 ``(N, 1, H, W, D)`` ids -> float32 ``(N, K, H, W, D)`` one-hot (background included)."""
         oh = F.one_hot(labels[:, 0].long(), self.config.num_classes)  # (N, H, W, D, K)
@@ -230,9 +184,7 @@ class DuoDiffusion:
         out = decode(ae, latents / getattr(self.config, f"{kind}_scale_factor"), tile_size=tile)
         finite = torch.isfinite(out).flatten(1).all(1)
         if not bool(finite.all()):
-            device = self.device.type
-            amp = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
-            dtype = amp or self.dtype
+            dtype = autocast_dtype(self.device.type) or self.dtype
             bad = torch.nonzero(~finite).flatten().tolist()
             which = f"seeds {[int(seeds[i]) for i in bad]}" if seeds is not None else f"samples {bad}"
             if dtype == torch.float16:
@@ -433,7 +385,7 @@ class DuoDiffusion:
         if context is not None:
             context = context.to(self.device)
             null_context = null_context.to(self.device)
-        with self._autocast(amp):
+        with autocast(self.device.type, amp):
             z = denoise(self.label_unet, new_scheduler("label"), noise, generators=gens, stochastic=stochastic,
                         progress=progress, desc="labels", context=context, null_context=null_context,
                         guidance_scale=guidance_scale)
@@ -443,7 +395,7 @@ class DuoDiffusion:
                          tile="auto") -> torch.Tensor:
         gens = stage_generators(seeds, "image")
         noise = initial_noise(gens, self.config.image_latent_shape, self.device)
-        with self._autocast(amp):
+        with autocast(self.device.type, amp):
             z = denoise(self.image_unet, new_scheduler("image"), noise, generators=gens, stochastic=stochastic,
                         controlnet=self.image_controlnet, condition=self.one_hot(labels),
                         conditioning_scale=conditioning_scale, progress=progress, desc="images")

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .dtypes import autocast, resolve_dtype
+from .fingerprint import model_fingerprint
 from .threads import busy_cores_of_others
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -85,7 +87,6 @@ AUTO_DTYPE_ENV = "DUODIFF_AUTO_DTYPE"
 CACHE_FILE = "dtype_choices.json"
 _CACHE_VERSION = 1
 _STAGES = ("label", "image")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _memo: dict[str, dict[str, dict[str, DtypeTrial]]] = {}
 _fingerprints: weakref.WeakKeyDictionary[Any, tuple[tuple, str]] = weakref.WeakKeyDictionary()
@@ -143,8 +144,6 @@ def _processor_name(device: torch.device) -> str:
 
 def _fingerprint(pipe: DuoDiffusion) -> str:
     """The model's fingerprint (config and weights), hashed again only after its weights changed."""
-    from .data.generation import model_fingerprint
-
     # each tensor's storage and in-place version counter: cheap to read, and they change when the weights do
     state = tuple((t.data_ptr(), t._version) for m in pipe.modules()
                   for t in m.state_dict(keep_vars=True).values())
@@ -197,8 +196,7 @@ def _run_stage(pipe: DuoDiffusion, stage: str, dtype: torch.dtype, condition: to
     noise = initial_noise(gens, getattr(cfg, f"{stage}_latent_shape"), device)
     sched = make_scheduler("ddim", cfg.schedule_of(stage))
     sched.set_timesteps(num_steps, device=device)
-    amp = (contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device.type, dtype=dtype))
-    with torch.inference_mode(), amp:
+    with torch.inference_mode(), autocast(device.type, dtype):
         _sync(device)
         t0 = time.perf_counter()
         if stage == "label":
@@ -240,7 +238,7 @@ def measure_dtypes(pipe: DuoDiffusion, *, num_steps: int = NUM_TRIAL_STEPS, repe
         times: dict[str, list[tuple[float, float]]] = {}
         for name in names:  # 1. untimed first run: output and warm-up
             try:
-                outputs[name] = _run_stage(pipe, stage, _DTYPES[name], condition, num_steps)[2]
+                outputs[name] = _run_stage(pipe, stage, resolve_dtype(name), condition, num_steps)[2]
                 times[name] = []
             except Exception as e:  # noqa: BLE001 - an unsupported dtype is a failed candidate, not an error
                 if name == "float32":
@@ -252,7 +250,7 @@ def measure_dtypes(pipe: DuoDiffusion, *, num_steps: int = NUM_TRIAL_STEPS, repe
             condition = pipe.one_hot(outputs["float32"].argmax(dim=1, keepdim=True))
         for _ in range(repeats):  # 2. timed rounds, the dtypes taking turns
             for name in times:
-                times[name].append(_run_stage(pipe, stage, _DTYPES[name], condition, num_steps)[:2])
+                times[name].append(_run_stage(pipe, stage, resolve_dtype(name), condition, num_steps)[:2])
         for name in times:  # 3. fastest run per dtype; error of its output against float32's
             error = _relative_error(outputs[name], outputs["float32"])
             trials[stage][name] = DtypeTrial(name, min(t[0] for t in times[name]) / num_steps,
@@ -356,8 +354,6 @@ def choose_dtype(
         return pipe.dtype
     forced = os.environ.get(AUTO_DTYPE_ENV)
     if forced:
-        from .pipeline import resolve_dtype
-
         try:
             return resolve_dtype(forced) or torch.float32
         except ValueError as e:
@@ -383,4 +379,4 @@ def choose_dtype(
         _memo[memo_key] = trials
     name = pick_dtype(trials, num_inference_steps, tolerance=tolerance)
     logger.info("dtype='auto' -> %s for %d steps (%s)", name, num_inference_steps, key)
-    return _DTYPES[name]
+    return resolve_dtype(name)

@@ -9,22 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from .io import NIFTI_SUFFIX, read_nifti
+from .optional import require_matplotlib
 
 __all__ = ["montage_figure", "plot_pairs", "preview_folder", "preview_path", "PREVIEW_NAME"]
 
 #: file written inside a folder given as the preview destination
 PREVIEW_NAME = "preview.png"
-
-
-def _require_matplotlib():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("Previews need matplotlib: pip install 'duodiff[plot]'.") from e
-    return plt
 
 
 def _slices(vol: np.ndarray, center: Sequence[int]) -> list[np.ndarray]:
@@ -54,7 +44,7 @@ def plot_pairs(
         num_classes: classes including background (default: the largest label id + 1).
         label_names: class names, background first (default ``class 1``, ``class 2``, ...).
     """
-    plt = _require_matplotlib()
+    plt = require_matplotlib()
     fig = montage_figure(images, labels, titles=titles, num_classes=num_classes, label_names=label_names,
                          alpha=alpha)
     out = Path(out)
@@ -74,7 +64,7 @@ def montage_figure(
     alpha: float = 0.35,
 ):
     """The matplotlib ``Figure`` that :func:`plot_pairs` saves (arguments as there); close it when done."""
-    plt = _require_matplotlib()
+    plt = require_matplotlib()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 

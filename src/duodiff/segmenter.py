@@ -179,7 +179,7 @@ class SliceSegmenter(nn.Module):
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SliceSegmenter:
         """Load a segmenter written by :meth:`save` (strictly, safetensors only)."""
-        from .hub import load_state_dict_strict
+        from .serialization import load_state_dict_strict
 
         directory = Path(directory)
         cfg_path = directory / CONFIG_NAME

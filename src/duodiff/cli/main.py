@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="duodiff",
         description="Generate paired synthetic 3D (image, label) volumes with a Duo-Diffusion model.",
     )
-    from .. import __version__
+    from .._version import __version__
 
     parser.add_argument("--version", action="version", version=f"duodiff {__version__}")
     parser.add_argument("--debug", action="store_true",

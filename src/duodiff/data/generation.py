@@ -8,8 +8,6 @@ Items are MONAI-style dicts ``{"image": MetaTensor (C, H, W, D) float32 in [0, 1
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +16,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from .. import keys
+from ..fingerprint import model_fingerprint
 from ..threads import GENERATION_THREADS, check_num_threads, intra_op_threads
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,19 +44,6 @@ def check_device_usable(pipe: DuoDiffusion) -> None:
             "multiprocessing_context='spawn'); (3) generate on CPU in workers (pipe.to('cpu')); or (4) write "
             "pairs with `duodiff sample` and read them with SyntheticPairDataset.from_folder()."
         )
-
-
-def model_fingerprint(pipe: DuoDiffusion, generation: dict[str, Any]) -> str:
-    """A hex digest of the model's config and weights and the generation settings (cache key)."""
-    h = hashlib.sha256()
-    h.update(json.dumps(pipe.config.to_dict(), sort_keys=True, default=str).encode())
-    h.update(json.dumps(generation, sort_keys=True, default=str).encode())
-    for name in keys.COMPONENTS:
-        for pname, tensor in sorted(getattr(pipe, name).state_dict().items()):
-            t = tensor.detach().to("cpu").contiguous()
-            h.update(f"{name}.{pname}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:20]
 
 
 def as_item(image: torch.Tensor, label: torch.Tensor, affine: np.ndarray | torch.Tensor, seed: int) -> dict[str, Any]:

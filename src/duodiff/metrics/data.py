@@ -9,7 +9,7 @@ Real volumes are brought to the model's grid the way ``duodiff train`` prepares 
    percentiles (``config.intensity_percentiles``; 0.5th / 99.5th for models saved before they were
    recorded) map to 0 / 1 and values outside are clipped;
 3. a crop / zero-pad to ``volume_shape`` centred on the label foreground centroid
-   (:func:`duodiff.train.data.crop_or_pad`, the training crop).
+   (:func:`duodiff.data.crop.crop_or_pad`, the training crop).
 
 A real voxel spacing different from the model's is reported as a warning when not resampled. Label
 voxels cut off by the crop are counted and reported.
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.crop import crop_or_pad
 from ..data.folders import (
     DEFAULT_INTENSITY_PERCENTILES,
     find_cases,
@@ -164,8 +165,6 @@ def load_pairs(
     Returns:
         the pairs; ``info`` holds ``label_voxels_lost`` (by the crop), ``spacings`` and ``preprocessing``.
     """
-    from ..train.data import crop_or_pad
-
     percentiles = tuple(float(p) for p in (intensity_percentiles or DEFAULT_INTENSITY_PERCENTILES))
     entries = find_cases(folder, cases=cases)
     if not entries:

@@ -147,9 +147,10 @@ def _detectability_lines(det: dict[str, Any] | None) -> list[str]:
 def _figures(ev: Evaluation, out: Path, real: PairSet | None, synthetic: PairSet | None,
              num_montage: int) -> dict[str, str]:
     try:
-        from ..preview import _require_matplotlib, plot_pairs
+        from ..optional import require_matplotlib
+        from ..preview import plot_pairs
 
-        plt = _require_matplotlib()
+        plt = require_matplotlib()
     except ImportError:
         return {}
     figs: dict[str, str] = {}

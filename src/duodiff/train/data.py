@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.crop import crop_or_pad
 from ..data.folders import (
     DEFAULT_INTENSITY_PERCENTILES,
     BadCaseError,
@@ -52,37 +53,6 @@ def read_split(path: str | os.PathLike) -> dict[str, list[str]]:
     if overlap:
         raise ValueError(f"Split file {str(p)!r} puts cases in train and val/test at once: {sorted(overlap)[:5]}.")
     return {k: list(v) for k, v in split.items()}
-
-
-def _centred_window(size: int, target: int, center: float) -> tuple[int, int, int, int]:
-    """(start, stop, pad_before, pad_after) of a window of ``target`` voxels centred on ``center``."""
-    if size >= target:
-        start = int(round(center - target / 2))
-        start = min(max(start, 0), size - target)
-        return start, start + target, 0, 0
-    pad = target - size
-    return 0, size, pad // 2, pad - pad // 2
-
-
-def crop_or_pad(image: np.ndarray, label: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray, float]:
-    """Crop/pad channel-first arrays to ``shape`` centred on the foreground centroid.
-
-    Returns:
-        image ``(C, *shape)``, label ``(1, *shape)`` and the fraction of foreground voxels that fell outside.
-    """
-    fg = np.argwhere(label[0] > 0)
-    center = fg.mean(0) if len(fg) else np.array(label.shape[1:]) / 2
-    slices, pads = [], []
-    for size, target, c in zip(label.shape[1:], shape, center):
-        a, b, p0, p1 = _centred_window(size, int(target), float(c))
-        slices.append(slice(a, b))
-        pads.append((p0, p1))
-    sl = (slice(None), *slices)
-    img = np.pad(image[sl], [(0, 0), *pads], mode="constant", constant_values=0.0)
-    lab = np.pad(label[sl], [(0, 0), *pads], mode="constant", constant_values=0)
-    total = int((label > 0).sum())
-    lost = 0.0 if total == 0 else 1.0 - int((lab > 0).sum()) / total
-    return img, lab, lost
 
 
 def preprocess_case(case: Case, cfg: DataConfig, volume_shape: Sequence[int], label_values: Sequence[int]

@@ -8,7 +8,6 @@ exactly what the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -27,6 +26,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from ..dtypes import autocast, resolve_dtype
 from .config import StageConfig
 
 __all__ = ["StepContext", "LossFn", "DistInfo", "dist_info", "run_stage", "lr_at", "derived_seed"]
@@ -148,13 +148,6 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, em
 
 
 # ------------------------------------------------------------------------------------------- the loop
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "float32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bfloat16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def run_stage(
     name: str,
     model: nn.Module,
@@ -225,7 +218,7 @@ def run_stage(
         noise_gen = torch.Generator().manual_seed(derived_seed(seed, name, "noise", step, di.rank))
         ctx = StepContext(step=step, indices=indices, generator=noise_gen, device=device)
         # 2. forward + backward
-        with _autocast(device, amp):
+        with autocast(device.type, resolve_dtype(amp)):
             loss, logs = loss_fn(train_model, ctx)
         if not torch.isfinite(loss):
             raise FloatingPointError(

@@ -474,11 +474,11 @@ class Trainer:
 def _plot_curve(csv_file: Path, png: Path) -> None:
     import csv
 
-    from ..preview import _require_matplotlib
+    from ..optional import require_matplotlib
 
     if not csv_file.is_file():
         return
-    plt = _require_matplotlib()
+    plt = require_matplotlib()
     with open(csv_file) as f:
         rows = list(csv.DictReader(f))
     if not rows:
