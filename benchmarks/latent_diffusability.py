@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -65,16 +66,12 @@ def main() -> None:
     ap.add_argument("--num-cases", type=int, default=8)
     ap.add_argument("--out", required=True, help="output path without suffix (.md and .json are written)")
     args = ap.parse_args()
-    from duodiff import DuoDiffusion, load_bundled
-    from duodiff.train.data import load_split_cases
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from unet_noise_error import load_model_and_cases
 
     rows = {}
     for spec in args.model:
-        name, _, where = spec.partition("=")
-        pipe = load_bundled() if where == "bundled" else DuoDiffusion.from_pretrained(where)
-        c = pipe.config
-        images, _, _ = load_split_cases(args.data, args.split, args.subset, c.volume_shape, c.num_classes,
-                                        intensity_percentiles=c.intensity_percentiles)
+        name, where, pipe, images = load_model_and_cases(spec, args.data, args.split, args.subset)
         rows[name] = {"model": where, **latent_stats(pipe, images[: args.num_cases].float())}
         print(name, json.dumps(rows[name]), flush=True)
     out = Path(args.out)

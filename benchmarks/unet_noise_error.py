@@ -45,6 +45,20 @@ def noise_error(pipe, images: torch.Tensor, timesteps: list[int], seed: int = 0)
     return out
 
 
+def load_model_and_cases(spec: str, data: str, split: str, subset: str):
+    """``(name, where, pipe, images)`` for a ``NAME=FOLDER`` or ``NAME=bundled`` spec: the model and its real
+    ``subset`` cases prepared as it was trained (float32 ``(N, C, H, W, D)`` in [0, 1])."""
+    from duodiff import DuoDiffusion, load_bundled
+    from duodiff.train.data import load_split_cases
+
+    name, _, where = spec.partition("=")
+    pipe = load_bundled() if where == "bundled" else DuoDiffusion.from_pretrained(where)
+    c = pipe.config
+    images, _, _ = load_split_cases(data, split, subset, c.volume_shape, c.num_classes,
+                                    intensity_percentiles=c.intensity_percentiles)
+    return name, where, pipe, images
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True, help="NAME=FOLDER or NAME=bundled (repeat)")
@@ -55,16 +69,10 @@ def main() -> None:
     ap.add_argument("--timesteps", type=int, nargs="+", default=[50, 200, 500, 800, 950])
     ap.add_argument("--out", required=True, help="output path without suffix (.md and .json are written)")
     args = ap.parse_args()
-    from duodiff import DuoDiffusion, load_bundled
-    from duodiff.train.data import load_split_cases
-
     rows = {}
     for spec in args.model:
-        name, _, where = spec.partition("=")
-        pipe = load_bundled() if where == "bundled" else DuoDiffusion.from_pretrained(where)
+        name, where, pipe, images = load_model_and_cases(spec, args.data, args.split, args.subset)
         c = pipe.config
-        images, _, _ = load_split_cases(args.data, args.split, args.subset, c.volume_shape, c.num_classes,
-                                        intensity_percentiles=c.intensity_percentiles)
         rows[name] = {"model": where, "latent_shape": list(c.image_latent_shape),
                       "mse": noise_error(pipe, images[: args.num_cases], args.timesteps)}
         print(name, rows[name]["mse"], flush=True)
