@@ -13,7 +13,7 @@ from duodiff.models import count_parameters
 
 @pytest.mark.parametrize(
     "name, shape, label_factor, image_factor",
-    [("tiny", (16, 16, 16), 2, 2), ("hippocampus", (32, 48, 32), 4, 4), ("paper", (160, 160, 64), 4, 4)],
+    [("tiny", (16, 16, 16), 2, 2), ("hippocampus", (32, 48, 32), 4, 2), ("paper", (160, 160, 64), 4, 4)],
 )
 def test_preset_configs(name, shape, label_factor, image_factor):
     cfg = make_config(name, num_classes=3)
@@ -84,22 +84,40 @@ def test_paper_preset_is_close_to_the_ldm_recipe():
     cfg = make_config("paper", num_classes=2)
     assert cfg.image_autoencoder.channels == (32, 64, 64)
     assert cfg.image_unet.channels == (64, 128, 256)
-    assert cfg.image_latent_shape == (3, 40, 40, 16)
+    assert cfg.image_latent_shape == (8, 40, 40, 16)  # the recipe's 8 latent channels, at 4x to keep it small
+    assert cfg.schedule_of("image").prediction_type == "v_prediction"
 
 
 def test_a_model_saved_before_a_preset_change_keeps_its_architecture(tmp_path):
-    """A model saved with another image side (2x, 8 latent channels, 4-level UNet) loads as it was saved: saved
-    models carry their whole configuration, not a preset name, so a preset can change without breaking them."""
-    other_image_side = {
-        "image_autoencoder": {"channels": [32, 64], "num_res_blocks": [1, 1], "attention_levels": [False, False],
-                              "latent_channels": 8},
-        "image_unet": {"channels": [16, 32, 64, 64], "num_res_blocks": [1, 1, 1, 1],
-                       "attention_levels": [False, False, True, True]},
+    """A model saved with the image side the hippocampus preset had before issue 12 (4x, 3 latent channels, 3-level
+    UNet, epsilon) loads as it was saved: saved models carry their whole configuration, not a preset name."""
+    old_image_side = {
+        "image_autoencoder": {"channels": [16, 32, 32], "num_res_blocks": [1, 1, 1],
+                              "attention_levels": [False, False, False], "latent_channels": 3},
+        "image_unet": {"channels": [32, 64, 64], "num_res_blocks": [1, 1, 1], "attention_levels": [False, True, True]},
     }
-    cfg = make_config("hippocampus", num_classes=3, volume_shape=(16, 16, 16), overrides=other_image_side)
-    DuoDiffusion.from_config(cfg, init_seed=0).save_pretrained(tmp_path / "other")
-    loaded = DuoDiffusion.from_pretrained(tmp_path / "other")
+    cfg = make_config("hippocampus", num_classes=3, volume_shape=(16, 16, 16), overrides=old_image_side,
+                      image_prediction_type="epsilon")
+    assert cfg.image_scheduler is None
+    DuoDiffusion.from_config(cfg, init_seed=0).save_pretrained(tmp_path / "old")
+    loaded = DuoDiffusion.from_pretrained(tmp_path / "old")
     assert loaded.config == cfg
     assert loaded.config != make_config("hippocampus", num_classes=3, volume_shape=(16, 16, 16))
-    assert loaded.config.image_latent_shape == (8, 8, 8, 8)
-    assert loaded.config.image_controlnet.conditioning_embedding_num_channels == (16, 32)
+    assert loaded.config.image_latent_shape == (3, 4, 4, 4)
+    assert loaded.config.schedule_of("image").prediction_type == "epsilon"
+
+
+def test_hippocampus_preset_is_the_fidelity_recipe():
+    """The issue-12 winner: 2x / 8-channel image latent, 4-level image UNet, v-prediction image side; the label side
+    keeps ``prediction_type``; ``tiny`` keeps one schedule."""
+    cfg = make_config("hippocampus", num_classes=3)
+    assert cfg.image_latent_shape == (8, 16, 24, 16)
+    assert cfg.image_unet.channels == (16, 32, 64, 64)
+    assert cfg.image_controlnet.conditioning_embedding_num_channels == (16, 32)
+    assert cfg.schedule_of("image").prediction_type == "v_prediction"
+    assert cfg.schedule_of("label").prediction_type == "epsilon"
+    assert make_config("tiny", num_classes=3).image_scheduler is None
+    same = make_config("hippocampus", num_classes=3, prediction_type="v_prediction")
+    assert same.image_scheduler is None and same.schedule_of("image").prediction_type == "v_prediction"
+    with pytest.raises(ConfigError, match="prediction_type"):
+        make_config("hippocampus", num_classes=3, image_prediction_type="sample_x0")

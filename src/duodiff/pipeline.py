@@ -97,6 +97,7 @@ class DuoDiffusion(HubMixin):
         label_names: Sequence[str] | None = None,
         image_channels: int = 1,
         prediction_type: str = "epsilon",
+        image_prediction_type: str | None = None,
         attributes: Sequence[str] = (),
         init_seed: int | None = 0,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
@@ -107,8 +108,8 @@ class DuoDiffusion(HubMixin):
         """
         cfg = make_config(
             name, num_classes=num_classes, volume_shape=volume_shape, spacing=spacing, label_names=label_names,
-            image_channels=image_channels, prediction_type=prediction_type, attributes=attributes,
-            overrides=overrides,
+            image_channels=image_channels, prediction_type=prediction_type,
+            image_prediction_type=image_prediction_type, attributes=attributes, overrides=overrides,
         )
         return cls.from_config(cfg, init_seed=init_seed)
 

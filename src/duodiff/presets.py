@@ -1,8 +1,12 @@
 """Named Duo-Diffusion architectures.
 
 * ``"tiny"``: for tests and docs; 16-32 voxel volumes, channels (8, 16); seconds on a CPU.
-* ``"hippocampus"``: CPU-trainable, 32 x 48 x 32 voxels at 1 mm (MSD Task04 hippocampus crops).
-* ``"paper"``: FOSCU liver-MRI scale, 160 x 160 x 64, channels close to MONAI's 3D LDM recipe.
+* ``"hippocampus"``: CPU-trainable, 32 x 48 x 32 voxels at 1 mm (MSD Task04 hippocampus crops). Its image side is
+  the fidelity recipe of docs/training.md: a 2x-downsampling image autoencoder with 8 latent channels (trained with
+  the scale-equivariance loss, :data:`duodiff.train.config.STAGE_DEFAULTS`), a 4-level image UNet and
+  v-prediction for the image UNet and ControlNet.
+* ``"paper"``: FOSCU liver-MRI scale, 160 x 160 x 64, channels close to MONAI's 3D LDM recipe; the recipe's levers
+  that keep the latent small: 8 latent channels at 4x downsampling and a v-prediction image side.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from .config import (
     UNetConfig,
 )
 
-__all__ = ["PRESETS", "OVERRIDABLE", "DERIVED_KEYS", "make_config"]
+__all__ = ["PRESETS", "OVERRIDABLE", "DERIVED_KEYS", "IMAGE_PREDICTION_TYPES", "make_config"]
 
 #: Components whose preset settings ``make_config(overrides=...)`` can change; the ControlNet follows ``image_unet``.
 OVERRIDABLE = ("label_autoencoder", "image_autoencoder", "label_unet", "image_unet")
@@ -29,6 +33,11 @@ DERIVED_KEYS = frozenset({"in_channels", "out_channels", "with_conditioning", "c
 PRESETS = ("tiny", "hippocampus", "paper")
 
 _DEFAULT_SHAPES = {"tiny": (16, 16, 16), "hippocampus": (32, 48, 32), "paper": (160, 160, 64)}
+#: The image side's prediction type per preset when none is given (None: the same as ``prediction_type``).
+#: v-prediction (Salimans & Ho 2022) for the image side: with epsilon, DDIM's clean-latent estimate divides the
+#: UNet's noise error by sqrt(alpha-bar) (~15x at t = 999) and samples of a weakly compressed latent drift.
+IMAGE_PREDICTION_TYPES: dict[str, str | None] = {"tiny": None, "hippocampus": "v_prediction",
+                                                 "paper": "v_prediction"}
 
 
 def make_config(
@@ -40,6 +49,7 @@ def make_config(
     label_names: Sequence[str] | None = None,
     image_channels: int = 1,
     prediction_type: str = "epsilon",
+    image_prediction_type: str | None = None,
     attributes: Sequence[str] = (),
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> PipelineConfig:
@@ -52,7 +62,12 @@ def make_config(
         spacing: voxel size in mm.
         label_names: one name per class, background first.
         image_channels: image channels (MRI sequences).
-        prediction_type: ``"epsilon"`` or ``"v_prediction"`` for both diffusion UNets.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``: the label UNet's, and the image side's unless the
+            next argument or the preset says otherwise.
+        image_prediction_type: ``"epsilon"`` or ``"v_prediction"`` for the image UNet and ControlNet (saved as
+            ``PipelineConfig.image_scheduler`` when it differs from ``prediction_type``); ``None`` = the preset's
+            (:data:`IMAGE_PREDICTION_TYPES`: ``"v_prediction"`` for ``hippocampus`` and ``paper``, the same as
+            ``prediction_type`` for ``tiny``).
         attributes: names of label-generation conditions (see :mod:`duodiff.attributes`);
             empty for an unconditional label model.
         overrides: per component in :data:`OVERRIDABLE`, settings that replace the preset's (any
@@ -66,6 +81,7 @@ def make_config(
     """
     if name not in PRESETS:
         raise ConfigError(f"Unknown preset {name!r}. Choose one of {list(PRESETS)}.")
+    image_type = image_prediction_type or IMAGE_PREDICTION_TYPES[name] or prediction_type
     shape = tuple(int(s) for s in (volume_shape or _DEFAULT_SHAPES[name]))
     if len(shape) != 3:
         raise ConfigError(f"volume_shape must have 3 sides (H, W, D), got {tuple(volume_shape or ())}.")
@@ -80,17 +96,19 @@ def make_config(
     elif name == "hippocampus":
         label_ae = dict(channels=(16, 32, 32), num_res_blocks=(1, 1, 1), attention_levels=(False, False, False),
                         latent_channels=3, norm_num_groups=16)
-        ae = dict(channels=(16, 32, 32), num_res_blocks=(1, 1, 1), attention_levels=(False, False, False),
-                  latent_channels=3, norm_num_groups=16)
+        # the fidelity recipe (docs/training.md, issue 12): 2x downsampling, 8 latent channels, 4-level UNet
+        ae = dict(channels=(32, 64), num_res_blocks=(1, 1), attention_levels=(False, False), latent_channels=8,
+                  norm_num_groups=16)
         label_unet = dict(channels=(32, 64, 64), num_res_blocks=(1, 1, 1), attention_levels=(False, True, True),
                           norm_num_groups=16, num_head_channels=16)
-        unet = label_unet
+        unet = dict(channels=(16, 32, 64, 64), num_res_blocks=(1, 1, 1, 1),
+                    attention_levels=(False, False, True, True), norm_num_groups=16, num_head_channels=16)
         cond = (16, 32, 32)
     else:  # paper
         label_ae = dict(channels=(32, 64, 64), num_res_blocks=(1, 1, 1), attention_levels=(False, False, False),
                         latent_channels=3, norm_num_groups=32)
         ae = dict(channels=(32, 64, 64), num_res_blocks=(1, 1, 1), attention_levels=(False, False, False),
-                  latent_channels=3, norm_num_groups=32)
+                  latent_channels=8, norm_num_groups=32)
         label_unet = dict(channels=(64, 128, 256), num_res_blocks=(2, 2, 2), attention_levels=(False, True, True),
                           norm_num_groups=32, num_head_channels=32)
         unet = label_unet
@@ -129,4 +147,5 @@ def make_config(
             conditioning_embedding_in_channels=n, conditioning_embedding_num_channels=cond, **unet,
         ),
         scheduler=SchedulerConfig(prediction_type=prediction_type),
+        image_scheduler=(None if image_type == prediction_type else SchedulerConfig(prediction_type=image_type)),
     )

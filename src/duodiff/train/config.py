@@ -88,7 +88,9 @@ class ModelConfig(_Config):
         label_names: class names, background first (empty = from ``dataset.json``).
         prediction_type: ``"epsilon"`` or ``"v_prediction"`` (both diffusion UNets, unless the next key is set).
         image_prediction_type: the image UNet's and ControlNet's prediction type when it differs from
-            ``prediction_type`` (saved as the model's ``image_scheduler``); empty = ``prediction_type``. With an
+            ``prediction_type`` (saved as the model's ``image_scheduler``); empty = the preset's
+            (:data:`duodiff.presets.IMAGE_PREDICTION_TYPES`: ``"v_prediction"`` for ``hippocampus`` and ``paper``,
+            ``prediction_type`` for ``tiny``). With an
             epsilon model of a large, weakly compressed latent, DDIM's clean-sample estimate divides the noise
             error by sqrt(alpha-bar) (~15x at t = 999) and samples drift; ``"v_prediction"`` (Salimans & Ho
             2022) has no such division.
@@ -245,7 +247,7 @@ class StageConfig(_Config):
 #: fidelity recipe (docs/training.md). A ``[stages.NAME]`` table replaces only the keys it sets.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "label_autoencoder": {"steps": 1000, "lr": 5e-4},
-    "image_autoencoder": {"steps": 5000, "lr": 1e-3},
+    "image_autoencoder": {"steps": 6000, "lr": 5e-4, "scale_equivariance_weight": 0.5},
     "label_unet": {"steps": 8000, "batch_size": 16, "lr": 3e-4, "warmup_steps": 100},
     "image_unet": {"steps": 3000, "batch_size": 16, "lr": 3e-4, "warmup_steps": 100},
     "image_controlnet": {"steps": 6000, "batch_size": 8, "lr": 3e-4, "warmup_steps": 100},

@@ -25,7 +25,7 @@ from ..attributes import compute_attributes, standardise
 from ..config import ConfigError
 from ..data.folders import dataset_label_names
 from ..pipeline import DuoDiffusion
-from ..presets import make_config
+from ..presets import IMAGE_PREDICTION_TYPES, make_config
 from .config import STAGES, TrainConfig, load_train_config
 from .data import BadCaseError, PreparedData, data_summary, foreground_loss_cases, prepare_dataset
 from .loop import dist_info, run_stage
@@ -146,23 +146,22 @@ class Trainer:
         if (self.model_dir / keys.MODEL_INDEX).is_file():
             pipe = DuoDiffusion.from_pretrained(self.model_dir)
             saved = pipe.config.schedule_of("image").prediction_type
-            if saved != (m.image_prediction_type or m.prediction_type):
+            wanted = m.image_prediction_type or IMAGE_PREDICTION_TYPES[m.preset] or m.prediction_type
+            if saved != wanted:
                 raise ConfigError(
                     f"The model in {str(self.model_dir)!r} has an image side trained with prediction_type "
-                    f"{saved!r}, but [model] asks for {m.image_prediction_type or m.prediction_type!r}. Use the "
-                    "saved value, or train into a new output_dir."
+                    f"{saved!r}, but [model] asks for {wanted!r} (image_prediction_type, else the "
+                    f"{m.preset!r} preset's). Set [model] image_prediction_type = {saved!r}, or train into a new "
+                    "output_dir."
                 )
             return self._record_preprocessing(pipe)
         data = self.data
         pipe = DuoDiffusion.from_preset(
             m.preset, num_classes=len(self.label_values), volume_shape=tuple(data.images.shape[2:]),
             spacing=self._spacing(), label_names=self._label_names() or None, image_channels=int(data.images.shape[1]),
-            prediction_type=m.prediction_type, attributes=m.attributes, init_seed=self.cfg.seed,
-            overrides=m.overrides,
+            prediction_type=m.prediction_type, image_prediction_type=m.image_prediction_type or None,
+            attributes=m.attributes, init_seed=self.cfg.seed, overrides=m.overrides,
         )
-        if m.image_prediction_type and m.image_prediction_type != m.prediction_type:
-            image = pipe.config.scheduler.replace(prediction_type=m.image_prediction_type)
-            pipe = DuoDiffusion(pipe.config.replace(image_scheduler=image), pipe.components())
         if m.init_from:
             pipe = self._init_from(pipe)
         return self._record_preprocessing(pipe)
@@ -358,8 +357,10 @@ class Trainer:
             self.trained[stage] = ae
             x = self._ae_inputs(kind, data.images, data.labels, pc.num_classes)
             z = encode_latents(ae, x, device=self.device)
-            scale = float(1.0 / z.std().clamp_min(1e-6))
             key = f"{kind}_scale_factor"
+            # a decoder-only fine-tune keeps the latent the diffusion UNets learned, scale factor included (a
+            # recomputed one can differ in the last digits, e.g. when the stage first ran under bf16 autocast)
+            scale = float(getattr(pc, key)) if scfg.decoder_only else float(1.0 / z.std().clamp_min(1e-6))
             pipe = DuoDiffusion(pc.replace(**{key: scale}), pipe.components() | {stage: ae.cpu()})
             info.update(scale_factor=scale, latent_std=float(z.std()))
             info.update(self._validate_autoencoder(kind, pipe))
