@@ -2,7 +2,7 @@
 
     python examples/hippocampus/bundle.py --run runs/hippocampus --quality docs/results/bundled/quality.json \
         [--control docs/results/control/controllability.md] [--evaluate docs/results/evaluate/report.json] \
-        [--trained-with "duodiff train examples/hippocampus/train.toml" ...]
+        [--trained-with "duodiff train examples/hippocampus/first_model.toml" ...]
 
 The card records the data and its CC-BY-SA 4.0 attribution, the split, steps and wall time per stage, and the
 quality numbers measured against the held-out test cases. Stages the run took from an earlier model
@@ -56,8 +56,8 @@ def card_text(pipe: DuoDiffusion, run: Path, quality: dict | None, control_md: s
         "## Training",
         "",
         ("Trained with " + ", then ".join(f"`{c}`" for c in trained_with) if trained_with else
-         "`DUODIFF_DATA=../shared/data duodiff train examples/hippocampus/train.toml`"
-         + (", then `duodiff train examples/hippocampus/finetune.toml --stage "
+         "`DUODIFF_DATA=../shared/data duodiff train examples/hippocampus/first_model.toml`"
+         + (", then `duodiff train examples/hippocampus/first_model_finetune.toml --stage "
             + " --stage ".join(n for n, st in stages.items() if "finetuned_from" in st) + " --finetune`"
             if any("finetuned_from" in st for st in stages.values()) else ""))
         + f" on a 2-core CPU, seed {cfg['seed']}. Total wall time {total / 60:.0f} min "
@@ -71,7 +71,7 @@ def card_text(pipe: DuoDiffusion, run: Path, quality: dict | None, control_md: s
     for name, s in stages.items():
         sc = cfg["stages"][name]
         if s.get("inherited"):  # trained by the original recipe
-            sc = tomllib.loads((ROOT / "examples" / "hippocampus" / "train.toml").read_text())["stages"][name]
+            sc = tomllib.loads((ROOT / "examples" / "hippocampus" / "first_model.toml").read_text())["stages"][name]
         notes = []
         if "val_dice" in s:
             notes.append("val Dice " + ", ".join(f"{k} {v:.3f}" for k, v in s["val_dice"].items()))
