@@ -1,21 +1,30 @@
 """Acceptance tests for generated pairs: requested class volumes (rejection sampling) and pair-consistency QC.
 
-Both return a boolean "accepted" mask per sample; :meth:`duodiff.DuoDiffusion.sample` regenerates rejected
-samples with new seeds (derived deterministically from the original seed) up to ``max_retries`` times and
-reports what happened in ``DuoSample.report``. Samples that still fail are kept and listed, never dropped.
+Both return a boolean "accepted" mask per sample; :class:`RejectionSampler` (the loop of
+:meth:`duodiff.DuoDiffusion.sample`) regenerates rejected samples with new seeds (derived deterministically from
+the original seed) up to ``max_retries`` times and reports what happened in ``DuoSample.report``. Samples that
+still fail are kept and listed, never dropped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["retry_seed", "volumes_within_tolerance", "pair_dice", "qc_accepts"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .sampling_options import SamplingPlan
+
+__all__ = ["retry_seed", "volumes_within_tolerance", "pair_dice", "qc_accepts", "RejectionSampler"]
+
+#: Added to the attempt number in :func:`retry_seed` for QC retries, so they never reuse a volume retry's seed.
+QC_RETRY_SALT = 100
 
 
 def retry_seed(seed: int, attempt: int) -> int:
@@ -96,3 +105,106 @@ def summarise(n: int, attempts: int, volume_rejections: int, qc_rejections: int,
     if qc_dice is not None:
         out["qc_dice"] = [round(float(d), 4) for d in qc_dice]
     return out
+
+
+class RejectionSampler:
+    """Generates samples by index, regenerating those that a check rejects with retry seeds.
+
+    It exists to keep the state that the retries share in one place: the per-sample seeds (a rejected sample's
+    seed is replaced by its :func:`retry_seed`, so ``seeds[i]`` always reproduces sample ``i``) and the counts of
+    :meth:`report`. Sample ``i`` depends only on ``seeds[i]``, so batching does not change the result.
+
+    Args:
+        plan: the call's options resolved against the model; uses ``options.seeds``, ``volume_tolerance``, ``qc``,
+            ``qc_threshold``, ``max_retries`` and the plan's ``requested_volumes`` / ``volume_mask``.
+        make_labels: ``(seeds, indices) -> labels``: int64 ``(n, 1, H, W, D)`` label maps of the samples
+            ``indices`` made with ``seeds`` (one per index).
+        make_images: ``(labels, seeds) -> images``: float32 ``(n, C, H, W, D)`` images in [0, 1] for the labels.
+        num_classes: ``K``, background included.
+    """
+
+    def __init__(
+        self,
+        plan: SamplingPlan,
+        make_labels: Callable[[list[int], list[int]], torch.Tensor],
+        make_images: Callable[[torch.Tensor, list[int]], torch.Tensor],
+        num_classes: int,
+    ) -> None:
+        self.plan, self.options = plan, plan.options
+        self.make_labels, self.make_images, self.num_classes = make_labels, make_images, num_classes
+        self.seeds = list(self.options.seeds)
+        self.attempts = 0
+        self.rejections = {"volume": 0, "qc": 0}
+        self.failed_seeds: list[int] = []
+        self.qc_dice: list[float | None] = [None] * len(self.seeds)
+
+    def pairs(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` of the samples ``start:stop``, each accepted or out of retries."""
+        idx = list(range(start, stop))
+        # 1. labels, regenerated while their measured volumes miss the request (rejection sampling)
+        lab = self.labels(idx)
+        # 2. images for the labels
+        img = self.make_images(lab, [self.seeds[i] for i in idx])
+        # 3. pair-consistency QC: regenerate pairs whose image does not show its label
+        if self.options.qc is not None:
+            img, lab = self._retry(idx, (img, lab), self._qc_accepts, self._new_pairs, QC_RETRY_SALT, "qc")
+        return img, lab
+
+    def labels(self, idx: list[int]) -> torch.Tensor:
+        """int64 ``(len(idx), 1, H, W, D)`` labels of the samples ``idx``, volume-checked if requested."""
+        lab = self._new_labels(idx)
+        if self.options.volume_tolerance is not None:
+            (lab,) = self._retry(idx, (lab,), self._volumes_accepted, lambda sub: (self._new_labels(sub),), 0,
+                                 "volume")
+        return lab
+
+    def report(self) -> dict:
+        """The ``DuoSample.report`` entry of this run (see :func:`summarise`)."""
+        return summarise(len(self.seeds), self.attempts, self.rejections["volume"], self.rejections["qc"],
+                         self.failed_seeds, self.qc_dice if self.options.qc is not None else None)
+
+    def _new_labels(self, idx: list[int]) -> torch.Tensor:
+        self.attempts += len(idx)
+        return self.make_labels([self.seeds[i] for i in idx], idx)
+
+    def _new_pairs(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        lab = self.labels(idx)
+        return self.make_images(lab, [self.seeds[i] for i in idx]), lab
+
+    def _volumes_accepted(self, idx: list[int], out: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return volumes_within_tolerance(out[0], self.plan.requested_volumes[idx], self.plan.volume_mask[idx],
+                                        float(self.options.volume_tolerance), self.num_classes)  # type: ignore[arg-type]
+
+    def _qc_accepts(self, idx: list[int], out: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        img, lab = out
+        ok, dice = qc_accepts(self.options.qc, img, lab, self.num_classes,  # type: ignore[arg-type]
+                              self.options.qc_threshold)
+        for j, i in enumerate(idx):
+            self.qc_dice[i] = float(dice[j])
+        return ok
+
+    def _retry(
+        self,
+        idx: list[int],
+        out: tuple[torch.Tensor, ...],
+        accepted: Callable[[list[int], tuple[torch.Tensor, ...]], torch.Tensor],
+        regenerate: Callable[[list[int]], tuple[torch.Tensor, ...]],
+        salt: int,
+        kind: str,
+    ) -> tuple[torch.Tensor, ...]:
+        """Regenerate the rows of ``out`` (samples ``idx``) that ``accepted`` rejects, up to ``max_retries`` times;
+        samples rejected after the last retry are kept and their seeds listed in ``failed_seeds``."""
+        for attempt in itertools.count(1):
+            ok = accepted(idx, out)
+            bad = [j for j in range(len(idx)) if not ok[j]]
+            self.rejections[kind] += len(bad)
+            if not bad or attempt > self.options.max_retries:
+                self.failed_seeds += [self.seeds[idx[j]] for j in bad]
+                break
+            for j in bad:
+                self.seeds[idx[j]] = retry_seed(self.seeds[idx[j]], salt + attempt)
+            new = regenerate([idx[j] for j in bad])
+            out = tuple(o.clone() for o in out)
+            for o, n in zip(out, new):
+                o[bad] = n
+        return out
