@@ -32,10 +32,9 @@ from .hub import HubMixin
 from .io import NonFiniteError, spacing_affine
 from .models import build_component
 from .output import DuoSample
-from .precision import choose_dtype, is_auto
 from .presets import make_config
 from .sampling import denoise, initial_noise, stage_generators
-from .sampling_options import ClassVolumes, SamplingOptions, SamplingPlan
+from .sampling_options import ClassVolumes, SamplingOptions, SamplingPlan, check_label_maps, sampling_autocast
 from .schedulers import Sampler, check_num_inference_steps, make_scheduler
 
 __all__ = ["DuoDiffusion", "resolve_dtype"]  # resolve_dtype: from duodiff.dtypes, re-exported for older code
@@ -245,37 +244,7 @@ class DuoDiffusion(HubMixin):
         Accepts ``(N, 1, H, W, D)`` or ``(N, H, W, D)`` integer arrays with ids in ``range(num_classes)``
         and ``(H, W, D) == config.volume_shape``.
         """
-        if isinstance(labels, np.ndarray):
-            labels = torch.from_numpy(labels)
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be a torch.Tensor or numpy array, got {type(labels).__name__}.")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(
-                f"labels must have an integer dtype (class ids), got {labels.dtype}. Convert with "
-                "labels.round().long() if they are integral floats, or argmax one-hot maps first."
-            )
-        shape = tuple(self.config.volume_shape)
-        if labels.ndim == 4:
-            labels = labels[:, None]
-        if labels.ndim != 5 or labels.shape[1] != 1 or tuple(labels.shape[2:]) != shape:
-            raise ValueError(
-                f"labels must have shape (N, 1, {', '.join(map(str, shape))}) or (N, {', '.join(map(str, shape))}), "
-                f"got {tuple(labels.shape)}. This model generates volumes of shape {shape}; crop or pad your "
-                "labels to it."
-            )
-        if labels.shape[0] == 0:
-            raise ValueError("labels is empty (N=0); pass at least one label map.")
-        if labels.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch has no min/max for these
-            labels = labels.to(torch.int64)
-        lo, hi = int(labels.min()), int(labels.max())
-        k = self.config.num_classes
-        if lo < 0 or hi >= k:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"label ids must be in range(0, {k}) for this model ({list(self.config.label_names)}), "
-                f"found id {bad}. Remap your labels to 0..{k - 1}."
-            )
-        return labels.to(self.device, torch.long)
+        return check_label_maps(labels, self.config.volume_shape, self.config.label_names).to(self.device)
 
     # ------------------------------------------------------------------ sampling
     def _prepare(self, options: SamplingOptions) -> SamplingPlan:
@@ -289,28 +258,12 @@ class DuoDiffusion(HubMixin):
         for kind in ("label", "image"):
             check_num_inference_steps(options.num_inference_steps, c.schedule_of(kind))
         values, mask, context, null_context = self._attribute_context(options.class_volumes, options.num_samples)
-        amp = self._autocast_dtype(options.dtype, options.num_inference_steps)
+        amp = sampling_autocast(self, options.dtype, options.num_inference_steps)
         new_scheduler = functools.partial(self._new_scheduler, options.scheduler, options.num_inference_steps)
         for kind in ("label", "image"):
             new_scheduler(kind)
         cols = [i for i, n in enumerate(attribute_names(c.attributes, c.label_names)) if n.startswith("volume:")]
         return SamplingPlan(options, new_scheduler, amp, values[:, cols], mask[:, cols], context, null_context)
-
-    def _autocast_dtype(self, dtype: str | torch.dtype | None, num_inference_steps: int) -> torch.dtype | None:
-        """The autocast dtype of a sampling call (``None``: float32); low-precision weights need their own."""
-        weights = self.dtype
-        # "auto": measured once per (device, CPU/GPU model, threads, model) and cached
-        amp = choose_dtype(self, num_inference_steps) if is_auto(dtype) else resolve_dtype(dtype)
-        if weights != torch.float32:
-            # low-precision weights (``to(dtype=...)`` / ``from_pretrained(dtype=...)``) need autocast to match
-            if amp is None:
-                amp = weights
-            elif amp != weights:
-                raise ValueError(
-                    f"dtype={dtype!r} does not match the pipeline's {weights} weights. Pass dtype=None (autocast to "
-                    f"{weights}) or cast the weights first with pipe.to(dtype=...)."
-                )
-        return amp
 
     def _new_scheduler(self, scheduler: str, num_inference_steps: int, kind: str) -> Sampler:
         sched = make_scheduler(scheduler, self.config.schedule_of(kind))
@@ -454,6 +407,9 @@ class DuoDiffusion(HubMixin):
             records each stage's decode path.
 
         Raises:
+            TypeError, ValueError: an invalid option, named with its value and the fix, before anything is
+                generated (:class:`~duodiff.sampling_options.SamplingOptions` lists the checks; ``sample_labels``
+                and ``generate_images`` make the same ones).
             NonFiniteError: a decoded volume holds NaN/Inf (e.g. a float16 overflow); the message names the
                 dtype and the fix.
             ImportError: ``scheduler="dpmsolver++"`` / ``"unipc"`` without diffusers; the message says what to
@@ -494,10 +450,15 @@ class DuoDiffusion(HubMixin):
     ) -> torch.Tensor:
         """Run stage 1 alone: label maps only (e.g. to study controllability cheaply).
 
-        Sample ``i`` equals ``sample(...).labels[i]`` for the same seed and arguments.
+        Sample ``i`` equals ``sample(...).labels[i]`` for the same seed and arguments. The arguments are those of
+        :meth:`sample` and are checked the same way (a CUDA out-of-memory error also halves the batch).
 
         Returns:
-            int64 ``(N, 1, H, W, D)`` class ids (CPU).
+            int64 ``(N, 1, H, W, D)`` class ids in ``range(num_classes)`` (CPU).
+
+        Raises:
+            TypeError, ValueError: an invalid option, as in :meth:`sample`, before anything is generated.
+            NonFiniteError: the label decoder produced NaN/Inf.
         """
         options = SamplingOptions(
             num_samples, seed=seed, generator=generator, batch_size=batch_size, num_inference_steps=num_inference_steps,
@@ -530,10 +491,17 @@ class DuoDiffusion(HubMixin):
         Args:
             labels: integer ``(N, 1, H, W, D)`` or ``(N, H, W, D)`` class ids in ``range(num_classes)``
                 with ``(H, W, D) == config.volume_shape``.
-            Other arguments as in :meth:`sample`.
+            Other arguments as in :meth:`sample`, checked the same way.
 
         Returns:
-            :class:`DuoSample` whose ``labels`` are the given ones (int64).
+            :class:`DuoSample` with float32 images ``(N, C, H, W, D)`` in [0, 1] and the given labels as int64
+            ``(N, 1, H, W, D)``; ``decode`` records the image stage's decode path.
+
+        Raises:
+            TypeError, ValueError: labels of a non-integer dtype, another shape, no map or ids outside
+                ``range(num_classes)`` (:meth:`validate_labels`), or an invalid option as in :meth:`sample`;
+                all before anything is generated.
+            NonFiniteError: the image decoder produced NaN/Inf.
         """
         lab = self.validate_labels(labels)
         options = SamplingOptions(

@@ -5,8 +5,9 @@
 :class:`SamplingOptions` from them, so an option means the same thing, and is refused with the same message, in
 all three. What can be checked without the model is checked here, at construction; what needs the model
 (``num_inference_steps`` against the training schedule, ``class_volumes`` against the label names and field of
-view, ``dtype`` against the weights) is checked by the pipeline, still before anything is generated.
-:class:`SamplingPlan` is the options resolved against a model.
+view, ``dtype`` against the weights: :func:`sampling_autocast`) is checked by the pipeline, still before anything
+is generated. :class:`SamplingPlan` is the options resolved against a model; :func:`check_label_maps` checks the
+label maps given to ``generate_images``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numbers
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,11 +25,14 @@ from torch import nn
 
 from .decoding import TileSize, check_tile_size
 from .dtypes import resolve_dtype
-from .precision import is_auto
+from .precision import choose_dtype, is_auto
 from .sampling import is_stochastic
 from .schedulers import Sampler, check_scheduler_name
 
-__all__ = ["SamplingOptions", "SamplingPlan", "ClassVolumes"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline import DuoDiffusion
+
+__all__ = ["SamplingOptions", "SamplingPlan", "ClassVolumes", "check_label_maps", "sampling_autocast"]
 
 #: A ``class_volumes`` request: ``{class name or id: mL}`` for all samples, or one mapping per sample.
 ClassVolumes = Mapping[str | int, float] | Sequence[Mapping[str | int, float]]
@@ -194,3 +198,73 @@ class SamplingPlan:
         if self.context is None or self.null_context is None:
             return None, None
         return self.context[idx], self.null_context[idx]
+
+
+def check_label_maps(labels: torch.Tensor | np.ndarray, volume_shape: Sequence[int],
+                     label_names: Sequence[str]) -> torch.Tensor:
+    """Check user label maps (the input of ``generate_images``) and return them as int64 ``(N, 1, H, W, D)``.
+
+    Args:
+        labels: integer ``(N, 1, H, W, D)`` or ``(N, H, W, D)`` tensor or array of class ids.
+        volume_shape: the model's ``(H, W, D)``.
+        label_names: the model's class names, background first (``K = len(label_names)`` classes).
+
+    Returns:
+        int64 ``(N, 1, H, W, D)`` on the device of ``labels`` (CPU for an array).
+
+    Raises:
+        TypeError: not a tensor or array, or not an integer dtype.
+        ValueError: another shape, no map (``N = 0``) or an id outside ``range(K)``.
+    """
+    if isinstance(labels, np.ndarray):
+        labels = torch.from_numpy(labels)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or numpy array, got {type(labels).__name__}.")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(
+            f"labels must have an integer dtype (class ids), got {labels.dtype}. Convert with "
+            "labels.round().long() if they are integral floats, or argmax one-hot maps first."
+        )
+    shape = tuple(volume_shape)
+    if labels.ndim == 4:
+        labels = labels[:, None]
+    if labels.ndim != 5 or labels.shape[1] != 1 or tuple(labels.shape[2:]) != shape:
+        raise ValueError(
+            f"labels must have shape (N, 1, {', '.join(map(str, shape))}) or (N, {', '.join(map(str, shape))}), "
+            f"got {tuple(labels.shape)}. This model generates volumes of shape {shape}; crop or pad your "
+            "labels to it."
+        )
+    if labels.shape[0] == 0:
+        raise ValueError("labels is empty (N=0); pass at least one label map.")
+    if labels.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch has no min/max for these
+        labels = labels.to(torch.int64)
+    lo, hi = int(labels.min()), int(labels.max())
+    k = len(label_names)
+    if lo < 0 or hi >= k:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"label ids must be in range(0, {k}) for this model ({list(label_names)}), "
+            f"found id {bad}. Remap your labels to 0..{k - 1}."
+        )
+    return labels.long()
+
+
+def sampling_autocast(pipe: DuoDiffusion, dtype: str | torch.dtype | None, num_inference_steps: int
+                      ) -> torch.dtype | None:
+    """The autocast dtype of a sampling call with ``dtype`` (``None``: float32).
+
+    ``"auto"`` is :func:`~duodiff.precision.choose_dtype` (measured once per device, processor, threads and model,
+    then cached). Low-precision weights (``to(dtype=...)`` / ``from_pretrained(dtype=...)``) need autocast to
+    their own dtype: ``None`` means theirs, and another dtype is a ``ValueError``.
+    """
+    weights = pipe.dtype
+    amp = choose_dtype(pipe, num_inference_steps) if is_auto(dtype) else resolve_dtype(dtype)
+    if weights != torch.float32:
+        if amp is None:
+            amp = weights
+        elif amp != weights:
+            raise ValueError(
+                f"dtype={dtype!r} does not match the pipeline's {weights} weights. Pass dtype=None (autocast to "
+                f"{weights}) or cast the weights first with pipe.to(dtype=...)."
+            )
+    return amp
