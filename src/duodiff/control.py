@@ -172,13 +172,15 @@ class RejectionSampler:
         return self.make_images(lab, [self.seeds[i] for i in idx]), lab
 
     def _volumes_accepted(self, idx: list[int], out: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        tolerance = self.options.volume_tolerance
+        assert tolerance is not None  # only called with volume_tolerance
         return volumes_within_tolerance(out[0], self.plan.requested_volumes[idx], self.plan.volume_mask[idx],
-                                        float(self.options.volume_tolerance), self.num_classes)  # type: ignore[arg-type]
+                                        tolerance, self.num_classes)
 
     def _qc_accepts(self, idx: list[int], out: tuple[torch.Tensor, ...]) -> torch.Tensor:
         img, lab = out
-        ok, dice = qc_accepts(self.options.qc, img, lab, self.num_classes,  # type: ignore[arg-type]
-                              self.options.qc_threshold)
+        assert self.options.qc is not None  # only called with qc
+        ok, dice = qc_accepts(self.options.qc, img, lab, self.num_classes, self.options.qc_threshold)
         for j, i in enumerate(idx):
             self.qc_dice[i] = float(dice[j])
         return ok
