@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import secrets
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,17 +25,17 @@ from .attributes import (
     warn_outside_training_range,
 )
 from .config import PipelineConfig
-from .control import qc_accepts, retry_seed, summarise, volumes_within_tolerance
-from .decoding import TileSize, check_tile_size, decode, describe_decode
+from .control import RejectionSampler
+from .decoding import TileSize, decode, describe_decode
 from .dtypes import autocast, autocast_dtype, is_dtype_name, resolve_dtype
 from .hub import HubMixin
 from .io import NonFiniteError, spacing_affine
 from .models import build_component
 from .output import DuoSample
-from .precision import choose_dtype, is_auto
 from .presets import make_config
-from .sampling import denoise, initial_noise, is_stochastic, stage_generators
-from .schedulers import Sampler, check_num_inference_steps, check_scheduler_name, make_scheduler
+from .sampling import denoise, initial_noise, stage_generators
+from .sampling_options import ClassVolumes, SamplingOptions, SamplingPlan, check_label_maps, sampling_autocast
+from .schedulers import Sampler, check_num_inference_steps, make_scheduler
 
 __all__ = ["DuoDiffusion", "resolve_dtype"]  # resolve_dtype: from duodiff.dtypes, re-exported for older code
 
@@ -239,108 +238,32 @@ class DuoDiffusion(HubMixin):
             start = stop
         return results
 
-    @staticmethod
-    def _resolve_seeds(n: int, seed: int | Sequence[int] | None, generator: torch.Generator | None) -> list[int]:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"num_samples must be a positive int, got {n!r}.")
-        if seed is not None and generator is not None:
-            raise ValueError("Pass either seed or generator, not both.")
-        if isinstance(seed, (list, tuple)):
-            if len(seed) != n:
-                raise ValueError(f"Got {len(seed)} seeds for {n} samples; pass one seed per sample or a single int.")
-            seeds = [int(s) for s in seed]
-        elif seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-                raise TypeError(f"seed must be an int or a list of ints, got {seed!r}.")
-            seeds = [int(seed) + i for i in range(n)]
-        elif generator is not None:
-            seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
-        else:
-            base = secrets.randbits(62)
-            seeds = [base + i for i in range(n)]
-        if any(s < 0 for s in seeds):
-            raise ValueError(f"seeds must be >= 0, got {min(seeds)}.")
-        return seeds
-
-    @staticmethod
-    def _batch_size(n: int, batch_size: int | None) -> int:
-        if batch_size is None:
-            return n
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}.")
-        return batch_size
-
     def validate_labels(self, labels: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Check user label maps and return int64 ``(N, 1, H, W, D)`` on the pipeline's device.
 
         Accepts ``(N, 1, H, W, D)`` or ``(N, H, W, D)`` integer arrays with ids in ``range(num_classes)``
         and ``(H, W, D) == config.volume_shape``.
         """
-        if isinstance(labels, np.ndarray):
-            labels = torch.from_numpy(labels)
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be a torch.Tensor or numpy array, got {type(labels).__name__}.")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(
-                f"labels must have an integer dtype (class ids), got {labels.dtype}. Convert with "
-                "labels.round().long() if they are integral floats, or argmax one-hot maps first."
-            )
-        shape = tuple(self.config.volume_shape)
-        if labels.ndim == 4:
-            labels = labels[:, None]
-        if labels.ndim != 5 or labels.shape[1] != 1 or tuple(labels.shape[2:]) != shape:
-            raise ValueError(
-                f"labels must have shape (N, 1, {', '.join(map(str, shape))}) or (N, {', '.join(map(str, shape))}), "
-                f"got {tuple(labels.shape)}. This model generates volumes of shape {shape}; crop or pad your "
-                "labels to it."
-            )
-        if labels.shape[0] == 0:
-            raise ValueError("labels is empty (N=0); pass at least one label map.")
-        if labels.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch has no min/max for these
-            labels = labels.to(torch.int64)
-        lo, hi = int(labels.min()), int(labels.max())
-        k = self.config.num_classes
-        if lo < 0 or hi >= k:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"label ids must be in range(0, {k}) for this model ({list(self.config.label_names)}), "
-                f"found id {bad}. Remap your labels to 0..{k - 1}."
-            )
-        return labels.to(self.device, torch.long)
+        return check_label_maps(labels, self.config.volume_shape, self.config.label_names).to(self.device)
 
     # ------------------------------------------------------------------ sampling
-    def _prepare(self, scheduler: str, num_inference_steps: int, conditioning_scale: float, dtype: Any
-                 ) -> tuple[Callable[[str], Sampler], torch.dtype | None]:
-        """Check the sampling arguments; return ``(new_scheduler, autocast dtype)``.
+    def _prepare(self, options: SamplingOptions) -> SamplingPlan:
+        """Check ``options`` against this model, before any work; return them resolved.
 
-        ``new_scheduler(kind)`` makes a fresh sampler for the ``"label"`` or ``"image"`` stage's training schedule
-        with its timesteps set: multistep samplers (PNDM, DPM-Solver++, UniPC) keep the previous steps' outputs,
-        so every denoising run (each stage, batch and retry) gets its own.
+        Checks ``num_inference_steps`` against both training schedules and the ``class_volumes`` request, resolves
+        ``dtype`` against the weights (``"auto"`` is measured here) and builds each stage's scheduler once (e.g.
+        ``'dpmsolver++'`` without diffusers fails here).
         """
+        c = self.config
         for kind in ("label", "image"):
-            check_num_inference_steps(num_inference_steps, self.config.schedule_of(kind))
-        check_scheduler_name(scheduler)
-        if not isinstance(conditioning_scale, (int, float)) or isinstance(conditioning_scale, bool):
-            raise TypeError(f"conditioning_scale must be a number, got {conditioning_scale!r}.")
-        weights = self.dtype
-        if is_auto(dtype):
-            # measured once per (device, CPU/GPU model, threads, model) and cached; low-precision weights: theirs
-            amp = choose_dtype(self, num_inference_steps)
-        else:
-            amp = resolve_dtype(dtype)
-        if weights != torch.float32:
-            # low-precision weights (``to(dtype=...)`` / ``from_pretrained(dtype=...)``) need autocast to match
-            if amp is None:
-                amp = weights
-            elif amp != weights:
-                raise ValueError(
-                    f"dtype={dtype!r} does not match the pipeline's {weights} weights. Pass dtype=None (autocast to "
-                    f"{weights}) or cast the weights first with pipe.to(dtype=...)."
-                )
-        new_scheduler = functools.partial(self._new_scheduler, scheduler, num_inference_steps)
+            check_num_inference_steps(options.num_inference_steps, c.schedule_of(kind))
+        values, mask, context, null_context = self._attribute_context(options.class_volumes, options.num_samples)
+        amp = sampling_autocast(self, options.dtype, options.num_inference_steps)
+        new_scheduler = functools.partial(self._new_scheduler, options.scheduler, options.num_inference_steps)
         for kind in ("label", "image"):
-            new_scheduler(kind)  # fail here, before any work: e.g. 'dpmsolver++' without diffusers installed
-        return new_scheduler, amp
+            new_scheduler(kind)
+        cols = [i for i, n in enumerate(attribute_names(c.attributes, c.label_names)) if n.startswith("volume:")]
+        return SamplingPlan(options, new_scheduler, amp, values[:, cols], mask[:, cols], context, null_context)
 
     def _new_scheduler(self, scheduler: str, num_inference_steps: int, kind: str) -> Sampler:
         sched = make_scheduler(scheduler, self.config.schedule_of(kind))
@@ -349,7 +272,7 @@ class DuoDiffusion(HubMixin):
 
     def check_class_volumes(
         self,
-        class_volumes: Mapping[str | int, float] | Sequence[Mapping[str | int, float]] | None,
+        class_volumes: ClassVolumes | None,
         num_samples: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate a ``class_volumes`` request (mL) as :meth:`sample` does; returns the raw ``(values, mask)``.
@@ -379,28 +302,30 @@ class DuoDiffusion(HubMixin):
         null_context = make_context(torch.zeros_like(values), torch.zeros_like(mask), dim)
         return values, mask, context, null_context
 
-    def _generate_labels(self, seeds, new_scheduler, stochastic, amp, progress, tile="auto", context=None,
-                         null_context=None, guidance_scale=1.0) -> torch.Tensor:
+    def _generate_labels(self, seeds: Sequence[int], plan: SamplingPlan, context: torch.Tensor | None = None,
+                         null_context: torch.Tensor | None = None) -> torch.Tensor:
+        """Stage 1 for ``seeds``: int64 label ids ``(len(seeds), 1, H, W, D)`` on the pipeline's device."""
+        opts = plan.options
         gens = stage_generators(seeds, "label")
         noise = initial_noise(gens, self.config.label_latent_shape, self.device)
-        if context is not None:
-            context = context.to(self.device)
-            null_context = null_context.to(self.device)
-        with autocast(self.device.type, amp):
-            z = denoise(self.label_unet, new_scheduler("label"), noise, generators=gens, stochastic=stochastic,
-                        progress=progress, desc="labels", context=context, null_context=null_context,
-                        guidance_scale=guidance_scale)
-            return self._decode("label", z, tile, seeds).argmax(dim=1, keepdim=True)
+        if context is not None and null_context is not None:
+            context, null_context = context.to(self.device), null_context.to(self.device)
+        with autocast(self.device.type, plan.amp):
+            z = denoise(self.label_unet, plan.new_scheduler("label"), noise, generators=gens,
+                        stochastic=opts.stochastic, progress=opts.progress, desc="labels", context=context,
+                        null_context=null_context, guidance_scale=opts.guidance_scale)
+            return self._decode("label", z, opts.decode_tile_size, seeds).argmax(dim=1, keepdim=True)
 
-    def _generate_images(self, labels, seeds, new_scheduler, stochastic, conditioning_scale, amp, progress,
-                         tile="auto") -> torch.Tensor:
+    def _generate_images(self, labels: torch.Tensor, seeds: Sequence[int], plan: SamplingPlan) -> torch.Tensor:
+        """Stage 2 for int64 ``labels`` ``(n, 1, H, W, D)``: float32 images ``(n, C, H, W, D)`` in [0, 1]."""
+        opts = plan.options
         gens = stage_generators(seeds, "image")
         noise = initial_noise(gens, self.config.image_latent_shape, self.device)
-        with autocast(self.device.type, amp):
-            z = denoise(self.image_unet, new_scheduler("image"), noise, generators=gens, stochastic=stochastic,
-                        controlnet=self.image_controlnet, condition=self.one_hot(labels),
-                        conditioning_scale=conditioning_scale, progress=progress, desc="images")
-            return self._decode("image", z, tile, seeds).clamp_(0.0, 1.0)
+        with autocast(self.device.type, plan.amp):
+            z = denoise(self.image_unet, plan.new_scheduler("image"), noise, generators=gens,
+                        stochastic=opts.stochastic, controlnet=self.image_controlnet, condition=self.one_hot(labels),
+                        conditioning_scale=opts.conditioning_scale, progress=opts.progress, desc="images")
+            return self._decode("image", z, opts.decode_tile_size, seeds).clamp_(0.0, 1.0)
 
     def _result(self, images: list[torch.Tensor], labels: list[torch.Tensor], seeds: list[int], tile: TileSize,
                 stages: Sequence[str] = ("label", "image")) -> DuoSample:
@@ -428,7 +353,7 @@ class DuoDiffusion(HubMixin):
         conditioning_scale: float = 1.0,
         dtype: str | torch.dtype | None = "auto",
         decode_tile_size: TileSize = "auto",
-        class_volumes: Mapping[str | int, float] | Sequence[Mapping[str | int, float]] | None = None,
+        class_volumes: ClassVolumes | None = None,
         guidance_scale: float = 1.0,
         volume_tolerance: float | None = None,
         qc: nn.Module | None = None,
@@ -482,89 +407,30 @@ class DuoDiffusion(HubMixin):
             records each stage's decode path.
 
         Raises:
+            TypeError, ValueError: an invalid option, named with its value and the fix, before anything is
+                generated (:class:`~duodiff.sampling_options.SamplingOptions` lists the checks; ``sample_labels``
+                and ``generate_images`` make the same ones).
             NonFiniteError: a decoded volume holds NaN/Inf (e.g. a float16 overflow); the message names the
                 dtype and the fix.
             ImportError: ``scheduler="dpmsolver++"`` / ``"unipc"`` without diffusers; the message says what to
                 install.
         """
-        seeds = self._resolve_seeds(num_samples, seed, generator)
-        bs = self._batch_size(num_samples, batch_size)
-        new_scheduler, amp = self._prepare(scheduler, num_inference_steps, conditioning_scale, dtype)
-        stochastic = is_stochastic(scheduler)
-        check_tile_size(decode_tile_size)
-        c = self.config
-        values, mask, context, null_context = self._attribute_context(class_volumes, num_samples)
-        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}.")
-        if volume_tolerance is not None and (class_volumes is None or not volume_tolerance > 0):
-            raise ValueError(f"volume_tolerance needs class_volumes and a value > 0, got {volume_tolerance!r}.")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}.")
-        if qc is not None and not callable(qc):
-            raise TypeError(f"qc must be a torch module (a segmenter), got {type(qc).__name__}.")
-        volume_cols = [i for i, n in enumerate(attribute_names(c.attributes, c.label_names)) if n.startswith("volume:")]
-        stats = {"attempts": 0, "volume": 0, "qc": 0, "failed": [], "dice": [None] * num_samples}
-        constrained = volume_tolerance is not None or qc is not None
-
-        def labels_for(chunk_seeds, idx):
-            ctx = None if context is None else context[idx]
-            nctx = None if null_context is None else null_context[idx]
-            stats["attempts"] += len(idx)
-            return self._generate_labels(chunk_seeds, new_scheduler, stochastic, amp, progress, decode_tile_size, ctx,
-                                         nctx, guidance_scale)
-
-        def checked_labels(idx: list[int]) -> torch.Tensor:
-            # 1. labels, regenerating those whose measured volumes miss the request (rejection sampling)
-            lab = labels_for([seeds[i] for i in idx], idx)
-            for attempt in range(1, max_retries + 2):
-                if volume_tolerance is None:
-                    break
-                ok = volumes_within_tolerance(lab, values[idx][:, volume_cols], mask[idx][:, volume_cols],
-                                              volume_tolerance, c.num_classes)
-                bad = [j for j in range(len(idx)) if not ok[j]]
-                stats["volume"] += len(bad)
-                if not bad or attempt > max_retries:
-                    stats["failed"] += [seeds[idx[j]] for j in bad]
-                    break
-                for j in bad:
-                    seeds[idx[j]] = retry_seed(seeds[idx[j]], attempt)
-                lab = lab.clone()
-                lab[bad] = labels_for([seeds[idx[j]] for j in bad], [idx[j] for j in bad])
-            return lab
-
-        def pairs(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-            idx = list(range(start, stop))
-            lab = checked_labels(idx)
-            # 2. images for the labels
-            img = self._generate_images(lab, [seeds[i] for i in idx], new_scheduler, stochastic, conditioning_scale,
-                                        amp, progress, decode_tile_size)
-            # 3. pair-consistency QC: regenerate pairs whose image does not show its label
-            for attempt in range(1, max_retries + 2):
-                if qc is None:
-                    break
-                ok, dice = qc_accepts(qc, img, lab, c.num_classes, qc_threshold)
-                for j, i in enumerate(idx):
-                    stats["dice"][i] = float(dice[j])
-                bad = [j for j in range(len(idx)) if not ok[j]]
-                stats["qc"] += len(bad)
-                if not bad or attempt > max_retries:
-                    stats["failed"] += [seeds[idx[j]] for j in bad]
-                    break
-                for j in bad:
-                    seeds[idx[j]] = retry_seed(seeds[idx[j]], 100 + attempt)
-                sub = [idx[j] for j in bad]
-                new_lab = checked_labels(sub)
-                new_img = self._generate_images(new_lab, [seeds[i] for i in sub], new_scheduler, stochastic,
-                                                conditioning_scale, amp, progress, decode_tile_size)
-                lab, img = lab.clone(), img.clone()
-                lab[bad], img[bad] = new_lab, new_img
-            return img, lab
-
-        images, labels = zip(*self._batched(num_samples, bs, pairs))
-        result = self._result(list(images), list(labels), seeds, decode_tile_size)
-        if constrained:
-            result.report = summarise(num_samples, stats["attempts"], stats["volume"], stats["qc"], stats["failed"],
-                                      stats["dice"] if qc is not None else None)
+        # 1. check every option, then against this model, before any work
+        options = SamplingOptions(
+            num_samples, seed=seed, generator=generator, batch_size=batch_size, num_inference_steps=num_inference_steps,
+            scheduler=scheduler, conditioning_scale=conditioning_scale, dtype=dtype, decode_tile_size=decode_tile_size,
+            class_volumes=class_volumes, guidance_scale=guidance_scale, volume_tolerance=volume_tolerance, qc=qc,
+            qc_threshold=qc_threshold, max_retries=max_retries, progress=progress)
+        plan = self._prepare(options)
+        # 2. labels, then images for them, batch by batch (halved on CUDA OOM); rejected samples get new seeds
+        sampler = RejectionSampler(plan, lambda seeds, idx: self._generate_labels(seeds, plan, *plan.contexts(idx)),
+                                   lambda labels, seeds: self._generate_images(labels, seeds, plan),
+                                   self.config.num_classes)
+        images, labels = zip(*self._batched(num_samples, options.batch, sampler.pairs))
+        # 3. on the CPU, with the seed that made each sample and the acceptance report
+        result = self._result(list(images), list(labels), sampler.seeds, decode_tile_size)
+        if options.constrained:
+            result.report = sampler.report()
         return result
 
     @torch.inference_mode()
@@ -578,30 +444,32 @@ class DuoDiffusion(HubMixin):
         num_inference_steps: int = 50,
         scheduler: str = "ddim",
         dtype: str | torch.dtype | None = "auto",
-        class_volumes: Mapping[str | int, float] | Sequence[Mapping[str | int, float]] | None = None,
+        class_volumes: ClassVolumes | None = None,
         guidance_scale: float = 1.0,
         progress: bool = True,
     ) -> torch.Tensor:
         """Run stage 1 alone: label maps only (e.g. to study controllability cheaply).
 
-        Sample ``i`` equals ``sample(...).labels[i]`` for the same seed and arguments.
+        Sample ``i`` equals ``sample(...).labels[i]`` for the same seed and arguments. The arguments are those of
+        :meth:`sample` and are checked the same way (a CUDA out-of-memory error also halves the batch).
 
         Returns:
-            int64 ``(N, 1, H, W, D)`` class ids (CPU).
+            int64 ``(N, 1, H, W, D)`` class ids in ``range(num_classes)`` (CPU).
+
+        Raises:
+            TypeError, ValueError: an invalid option, as in :meth:`sample`, before anything is generated.
+            NonFiniteError: the label decoder produced NaN/Inf.
         """
-        seeds = self._resolve_seeds(num_samples, seed, generator)
-        bs = self._batch_size(num_samples, batch_size)
-        new_scheduler, amp = self._prepare(scheduler, num_inference_steps, 1.0, dtype)
-        _, _, context, null_context = self._attribute_context(class_volumes, num_samples)
-        out = []
-        for start in range(0, num_samples, bs):
-            sl = slice(start, start + bs)
-            out.append(self._generate_labels(seeds[sl], new_scheduler, is_stochastic(scheduler), amp, progress,
-                                             "auto",
-                                             None if context is None else context[sl],
-                                             None if null_context is None else null_context[sl],
-                                             guidance_scale).cpu())
-        return torch.cat(out)
+        options = SamplingOptions(
+            num_samples, seed=seed, generator=generator, batch_size=batch_size, num_inference_steps=num_inference_steps,
+            scheduler=scheduler, dtype=dtype, class_volumes=class_volumes, guidance_scale=guidance_scale,
+            progress=progress)
+        plan = self._prepare(options)
+
+        def labels(start: int, stop: int) -> torch.Tensor:
+            return self._generate_labels(options.seeds[start:stop], plan, *plan.contexts(slice(start, stop))).cpu()
+
+        return torch.cat(self._batched(num_samples, options.batch, labels))
 
     @torch.inference_mode()
     def generate_images(
@@ -623,21 +491,28 @@ class DuoDiffusion(HubMixin):
         Args:
             labels: integer ``(N, 1, H, W, D)`` or ``(N, H, W, D)`` class ids in ``range(num_classes)``
                 with ``(H, W, D) == config.volume_shape``.
-            Other arguments as in :meth:`sample`.
+            Other arguments as in :meth:`sample`, checked the same way.
 
         Returns:
-            :class:`DuoSample` whose ``labels`` are the given ones (int64).
+            :class:`DuoSample` with float32 images ``(N, C, H, W, D)`` in [0, 1] and the given labels as int64
+            ``(N, 1, H, W, D)``; ``decode`` records the image stage's decode path.
+
+        Raises:
+            TypeError, ValueError: labels of a non-integer dtype, another shape, no map or ids outside
+                ``range(num_classes)`` (:meth:`validate_labels`), or an invalid option as in :meth:`sample`;
+                all before anything is generated.
+            NonFiniteError: the image decoder produced NaN/Inf.
         """
         lab = self.validate_labels(labels)
-        n = int(lab.shape[0])
-        seeds = self._resolve_seeds(n, seed, generator)
-        bs = self._batch_size(n, batch_size)
-        new_scheduler, amp = self._prepare(scheduler, num_inference_steps, conditioning_scale, dtype)
-        stochastic = is_stochastic(scheduler)
-        check_tile_size(decode_tile_size)
+        options = SamplingOptions(
+            int(lab.shape[0]), seed=seed, generator=generator, batch_size=batch_size,
+            num_inference_steps=num_inference_steps, scheduler=scheduler, conditioning_scale=conditioning_scale,
+            dtype=dtype, decode_tile_size=decode_tile_size, progress=progress)
+        plan = self._prepare(options)
+        seeds = list(options.seeds)
 
         def images(start: int, stop: int) -> torch.Tensor:
-            return self._generate_images(lab[start:stop], seeds[start:stop], new_scheduler, stochastic,
-                                         conditioning_scale, amp, progress, decode_tile_size)
+            return self._generate_images(lab[start:stop], seeds[start:stop], plan)
 
-        return self._result(self._batched(n, bs, images), [lab], seeds, decode_tile_size, stages=("image",))
+        images_ = self._batched(options.num_samples, options.batch, images)
+        return self._result(images_, [lab], seeds, decode_tile_size, stages=("image",))
