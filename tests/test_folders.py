@@ -376,8 +376,16 @@ def test_evaluate_normalises_with_the_training_preprocessing(tmp_path):
 def test_model_records_its_preprocessing_and_old_models_load(tmp_path):
     from duodiff.bundled import bundled_model_path
 
-    old = DuoDiffusion.from_pretrained(bundled_model_path(), variant="fp16")
-    assert old.config.intensity_percentiles is None  # saved before it was recorded: evaluate assumes 0.5 / 99.5
+    assert DuoDiffusion.from_pretrained(bundled_model_path(), variant="fp16").config.intensity_percentiles == (0.5,
+                                                                                                             99.5)
+    # a model saved before the percentiles were recorded (no key in its model_index.json) loads with None, and
+    # evaluate then assumes 0.5 / 99.5
+    tiny_pipeline().save_pretrained(tmp_path / "old")
+    index = tmp_path / "old" / "model_index.json"
+    meta = json.loads(index.read_text())
+    meta["pipeline"].pop("intensity_percentiles", None)
+    index.write_text(json.dumps(meta))
+    assert DuoDiffusion.from_pretrained(tmp_path / "old").config.intensity_percentiles is None
     pipe = tiny_pipeline()
     pipe = DuoDiffusion(pipe.config.replace(intensity_percentiles=(2.0, 98.0)), pipe.components())
     pipe.save_pretrained(tmp_path / "m")

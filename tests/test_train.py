@@ -249,7 +249,8 @@ def test_toml_config_unknown_key_and_relative_paths(tmp_path, dataset):
     assert cfg.stages["label_unet"].batch_size == STAGE_DEFAULTS["label_unet"]["batch_size"] == 16
     assert cfg.stages["label_unet"].lr == STAGE_DEFAULTS["label_unet"]["lr"]
     assert cfg.stages["image_autoencoder"].steps == STAGE_DEFAULTS["image_autoencoder"]["steps"] == 6000
-    assert cfg.stages["image_autoencoder"].lr == 1e-3 and cfg.stages["label_autoencoder"].lr == 5e-4
+    assert cfg.stages["image_autoencoder"].lr == 5e-4 and cfg.stages["label_autoencoder"].lr == 5e-4
+    assert cfg.stages["image_autoencoder"].scale_equivariance_weight == 0.5  # the recipe's (issue 12)
     assert cfg.stages["image_controlnet"].steps == 6000 and cfg.stages["image_controlnet"].batch_size == 8
     bad = tmp_path / "bad.toml"
     bad.write_text(good.read_text().replace("steps = 7", "stepz = 7"))
@@ -430,7 +431,13 @@ def test_autoencoder_patch_training_and_its_checks(tmp_path, dataset):
     assert len(read_losses(tmp_path / "run", "image_autoencoder")) == 2
     stages["image_autoencoder"]["patch_size"] = [7, 8, 8]  # tiny preset: 2x downsampling
     bad = TrainConfig.from_dict({**cfg.to_dict(), "stages": stages, "output_dir": str(tmp_path / "bad")})
-    with pytest.raises(ValueError, match=r"patch_size \[7, 8, 8\] must fit .* divisible by the autoencoder's"):
+    with pytest.raises(ValueError, match=r"patch_size \[7, 8, 8\] must fit .* divisible by twice the autoencoder's "
+                                         r"downsampling \(4; scale_equivariance_weight > 0\)"):
+        train(bad, stages=["image_autoencoder"])  # the default scale-equivariance term pools the patch 2x
+    stages["image_autoencoder"]["scale_equivariance_weight"] = 0.0
+    bad = TrainConfig.from_dict({**cfg.to_dict(), "stages": stages, "output_dir": str(tmp_path / "bad0")})
+    with pytest.raises(ValueError, match=r"patch_size \[7, 8, 8\] must fit .* divisible by the autoencoder's "
+                                         r"downsampling \(2\)"):
         train(bad, stages=["image_autoencoder"])
     with pytest.raises(ValueError, match="patch_size must be 3 positive sides"):
         TrainConfig.from_dict({**cfg.to_dict(), "stages": {"image_autoencoder": {"patch_size": [8, 8]}}})
