@@ -23,7 +23,8 @@ from .config import (
     UNetConfig,
 )
 
-__all__ = ["PRESETS", "OVERRIDABLE", "DERIVED_KEYS", "IMAGE_PREDICTION_TYPES", "make_config"]
+__all__ = ["PRESETS", "OVERRIDABLE", "DERIVED_KEYS", "IMAGE_PREDICTION_TYPES", "image_prediction_type_of",
+           "make_config"]
 
 #: Components whose preset settings ``make_config(overrides=...)`` can change; the ControlNet follows ``image_unet``.
 OVERRIDABLE = ("label_autoencoder", "image_autoencoder", "label_unet", "image_unet")
@@ -38,6 +39,12 @@ _DEFAULT_SHAPES = {"tiny": (16, 16, 16), "hippocampus": (32, 48, 32), "paper": (
 #: UNet's noise error by sqrt(alpha-bar) (~15x at t = 999) and samples of a weakly compressed latent drift.
 IMAGE_PREDICTION_TYPES: dict[str, str | None] = {"tiny": None, "hippocampus": "v_prediction",
                                                  "paper": "v_prediction"}
+
+
+def image_prediction_type_of(name: str, prediction_type: str, image_prediction_type: str | None = None) -> str:
+    """The image side's prediction type: ``image_prediction_type`` if given, else the preset's
+    (:data:`IMAGE_PREDICTION_TYPES`), else ``prediction_type``. ``name`` must be one of :data:`PRESETS`."""
+    return image_prediction_type or IMAGE_PREDICTION_TYPES[name] or prediction_type
 
 
 def make_config(
@@ -81,7 +88,7 @@ def make_config(
     """
     if name not in PRESETS:
         raise ConfigError(f"Unknown preset {name!r}. Choose one of {list(PRESETS)}.")
-    image_type = image_prediction_type or IMAGE_PREDICTION_TYPES[name] or prediction_type
+    image_type = image_prediction_type_of(name, prediction_type, image_prediction_type)
     shape = tuple(int(s) for s in (volume_shape or _DEFAULT_SHAPES[name]))
     if len(shape) != 3:
         raise ConfigError(f"volume_shape must have 3 sides (H, W, D), got {tuple(volume_shape or ())}.")

@@ -25,7 +25,7 @@ from ..attributes import compute_attributes, standardise
 from ..config import ConfigError
 from ..data.folders import dataset_label_names
 from ..pipeline import DuoDiffusion
-from ..presets import IMAGE_PREDICTION_TYPES, make_config
+from ..presets import image_prediction_type_of, make_config
 from .config import STAGES, TrainConfig, load_train_config
 from .data import BadCaseError, PreparedData, data_summary, foreground_loss_cases, prepare_dataset
 from .loop import dist_info, run_stage
@@ -146,7 +146,7 @@ class Trainer:
         if (self.model_dir / keys.MODEL_INDEX).is_file():
             pipe = DuoDiffusion.from_pretrained(self.model_dir)
             saved = pipe.config.schedule_of("image").prediction_type
-            wanted = m.image_prediction_type or IMAGE_PREDICTION_TYPES[m.preset] or m.prediction_type
+            wanted = image_prediction_type_of(m.preset, m.prediction_type, m.image_prediction_type or None)
             if saved != wanted:
                 raise ConfigError(
                     f"The model in {str(self.model_dir)!r} has an image side trained with prediction_type "
