@@ -173,7 +173,8 @@ def test_default_decode_does_not_depend_on_free_memory(pipe, monkeypatch):
         calls.append(device)
         return estimate_decode_bytes(pipe.label_autoencoder, (16, 16, 16)) // 3  # would force tiles
 
-    monkeypatch.setattr(decoding, "available_memory", busy_gpu)
+    for module in (decoding, decoding.memory):  # the package's name and the defining module's
+        monkeypatch.setattr(module, "available_memory", busy_gpu)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1 << 20, 80 << 30))
     busy = pipe.sample(2, **common)
     assert calls == []
