@@ -29,7 +29,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from .data.folders import Case, find_cases, read_case, read_channel_names, read_label_names
+from .data.dataset_json import read_channel_names, read_label_names
+from .data.layout import Case, find_cases
+from .data.reading import read_case
 from .io import NIFTI_SUFFIX, chmod_as_new, nnunet_dataset_json, write_json
 
 __all__ = ["read_dataset_meta", "export_nnunet", "NnunetExport"]

@@ -153,7 +153,8 @@ def preview_folder(path: str | os.PathLike, out: str | os.PathLike, *, max_cases
     folders are an error, never created); the path written is returned. The legend names the classes of the
     folder's ``dataset.json`` (for a single image: of the ``dataset.json`` two folders above ``label``).
     """
-    from .data.folders import Case, find_cases, read_case
+    from .data.layout import Case, find_cases
+    from .data.reading import read_case
 
     out = preview_path(out)
     path = Path(path)
@@ -182,7 +183,7 @@ def preview_folder(path: str | os.PathLike, out: str | os.PathLike, *, max_cases
 
 def _label_names(folder: Path) -> tuple[str, ...] | None:
     """Class names from ``folder/dataset.json`` for the legend; ``None`` (generic names) without a usable one."""
-    from .data.folders import read_label_names
+    from .data.dataset_json import read_label_names
 
     try:
         return read_label_names(folder)

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from ..data.folders import DEFAULT_INTENSITY_PERCENTILES
+    from ..data.reading import DEFAULT_INTENSITY_PERCENTILES
     from ..metrics import PairSet, evaluate, load_pairs, parse_cases, read_label_names, write_report
     from ..segmenter import SliceSegmenter
 

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .folders import Case, find_cases, read_case
 from .generation import as_item, check_index
+from .layout import Case, find_cases
+from .reading import read_case
 
 __all__ = ["PairFolderDataset"]
 

@@ -28,13 +28,9 @@ import numpy as np
 import torch
 
 from ..data.crop import crop_or_pad
-from ..data.folders import (
-    DEFAULT_INTENSITY_PERCENTILES,
-    find_cases,
-    normalise_intensity,
-    read_case,
-    read_label_names,
-)
+from ..data.dataset_json import read_label_names
+from ..data.layout import find_cases
+from ..data.reading import DEFAULT_INTENSITY_PERCENTILES, normalise_intensity, read_case
 from ..io import NIFTI_SUFFIX
 
 __all__ = ["PairSet", "load_pairs", "find_cases", "parse_cases", "read_label_names", "REAL_PREPROCESSING"]
