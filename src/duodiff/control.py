@@ -8,7 +8,6 @@ still fail are kept and listed, never dropped.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -17,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .seeding import hash_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from .sampling_options import SamplingPlan
@@ -29,8 +30,7 @@ QC_RETRY_SALT = 100
 
 def retry_seed(seed: int, attempt: int) -> int:
     """The seed of retry ``attempt`` (1, 2, ...) of the sample first made with ``seed``."""
-    digest = hashlib.sha256(f"duodiff:retry:{int(seed)}:{int(attempt)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 2
+    return hash_seed("duodiff", "retry", int(seed), int(attempt), bits=62)
 
 
 def volumes_within_tolerance(

@@ -7,7 +7,6 @@ its seed: it is the same whether made alone or in a batch, on CPU or CUDA.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,16 +14,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .schedulers import STOCHASTIC_SAMPLERS, Sampler
+from .seeding import hash_seed
 
 __all__ = ["stage_generators", "initial_noise", "denoise"]
 
 _STAGE_SALT = {"label": 0, "image": 1}
-
-
-def _stage_seed(seed: int, stage: str) -> int:
-    """A 63-bit seed for ``stage`` derived from the sample seed (stable across versions)."""
-    digest = hashlib.sha256(f"duodiff:{stage}:{seed}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def stage_generators(seeds: Sequence[int], stage: str) -> list[torch.Generator]:
@@ -35,7 +29,7 @@ def stage_generators(seeds: Sequence[int], stage: str) -> list[torch.Generator]:
     """
     if stage not in _STAGE_SALT:
         raise ValueError(f"stage must be one of {list(_STAGE_SALT)}, got {stage!r}.")
-    return [torch.Generator().manual_seed(_stage_seed(int(s), stage)) for s in seeds]
+    return [torch.Generator().manual_seed(hash_seed("duodiff", stage, int(s))) for s in seeds]
 
 
 def initial_noise(

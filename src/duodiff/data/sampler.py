@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 from torch.utils.data import ConcatDataset, Sampler
 
 from ..keys import IS_SYNTHETIC, SEED
+from ..seeding import hash_seed
 from .schedule import (
     DEFAULT_SCHEDULE_UNIT,
     FractionSchedule,
@@ -25,8 +25,7 @@ __all__ = ["MixedBatchSampler", "mark_real", "derive_seed"]
 
 def derive_seed(*parts: Any) -> int:
     """A 63-bit seed hashed from ``parts`` (the same parts give the same seed in every process)."""
-    digest = hashlib.sha256(":".join(str(p) for p in ("duodiff-mix", *parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return hash_seed("duodiff-mix", *parts)
 
 
 def mark_real(item: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,6 @@ exactly what the uninterrupted run would have drawn.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -27,9 +26,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from ..dtypes import autocast, resolve_dtype
+from ..seeding import hash_seed
 from .config import StageConfig
 
-__all__ = ["StepContext", "LossFn", "DistInfo", "dist_info", "run_stage", "lr_at", "derived_seed"]
+__all__ = ["StepContext", "LossFn", "DistInfo", "dist_info", "run_stage", "lr_at"]
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,6 @@ def dist_info() -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size())
     return DistInfo()
-
-
-def derived_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (stable across processes and versions)."""
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
 @dataclass
@@ -209,13 +204,13 @@ def run_stage(
         for g in opt.param_groups:
             g["lr"] = lr
         # 1. this step's batch: a fresh permutation derived from (seed, stage, step) — identical on every rank
-        perm_gen = torch.Generator().manual_seed(derived_seed(seed, name, "data", step))
+        perm_gen = torch.Generator().manual_seed(hash_seed(seed, name, "data", step))
         if num_samples >= per_rank * di.world_size:
             perm = torch.randperm(num_samples, generator=perm_gen)[: per_rank * di.world_size]
         else:
             perm = torch.randint(0, num_samples, (per_rank * di.world_size,), generator=perm_gen)
         indices = perm[di.rank * per_rank : (di.rank + 1) * per_rank]
-        noise_gen = torch.Generator().manual_seed(derived_seed(seed, name, "noise", step, di.rank))
+        noise_gen = torch.Generator().manual_seed(hash_seed(seed, name, "noise", step, di.rank))
         ctx = StepContext(step=step, indices=indices, generator=noise_gen, device=device)
         # 2. forward + backward
         with autocast(device.type, resolve_dtype(amp)):
