@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .schedulers import STOCHASTIC_SAMPLERS, Sampler
 from .seeding import hash_seed
 
-__all__ = ["stage_generators", "initial_noise", "denoise"]
+__all__ = ["stage_generators", "initial_noise", "model_output", "denoise"]
 
 _STAGE_SALT = {"label": 0, "image": 1}
 
@@ -42,6 +42,41 @@ def initial_noise(
     """
     noise = torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
     return noise.to(device)
+
+
+def model_output(
+    unet: nn.Module,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    context: torch.Tensor | None = None,
+    controlnet: nn.Module | None = None,
+    condition: torch.Tensor | None = None,
+    conditioning_scale: float = 1.0,
+) -> torch.Tensor:
+    """The UNet's prediction for noisy latents, with the ControlNet's residuals added when one is given.
+
+    The one place the UNet and ControlNet are wired together: the ControlNet training stage
+    (:class:`duodiff.train.stages.ControlledUNet`) and :func:`denoise` both call it.
+
+    Args:
+        unet: a MONAI ``DiffusionModelUNet``.
+        x: ``(B, C, h, w, d)`` noisy latents.
+        timesteps: int64 ``(B,)`` diffusion timesteps.
+        context: optional ``(B, 1, E)`` cross-attention context.
+        controlnet: optional MONAI ``ControlNet``; its ``(down, mid)`` residuals go to the UNet.
+        condition: ``(B, K, H, W, D)`` ControlNet input (one-hot labels); used only with ``controlnet``.
+        conditioning_scale: multiplier of the ControlNet residuals.
+
+    Returns:
+        ``(B, C, h, w, d)`` noise, v or x0 (the UNet's ``prediction_type``), in the UNet's output dtype.
+    """
+    residuals: dict = {}
+    if controlnet is not None:
+        down, mid = controlnet(x=x, timesteps=timesteps, controlnet_cond=condition,
+                               conditioning_scale=conditioning_scale, context=context)
+        residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    return unet(x=x, timesteps=timesteps, context=context, **residuals)
 
 
 def denoise(
@@ -96,13 +131,8 @@ def denoise(
             t = torch.cat([t, t])
             ctx = torch.cat([null_context, context])  # type: ignore[list-item]
             cond = None if condition is None else torch.cat([condition, condition])
-        residuals: dict = {}
-        if controlnet is not None:
-            down, mid = controlnet(
-                x=x, timesteps=t, controlnet_cond=cond, conditioning_scale=conditioning_scale, context=ctx
-            )
-            residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-        out = unet(x=x, timesteps=t, context=ctx, **residuals).float()
+        out = model_output(unet, x, t, context=ctx, controlnet=controlnet, condition=cond,
+                           conditioning_scale=conditioning_scale).float()
         if use_cfg:
             uncond, cond_out = out.chunk(2)
             out = uncond + guidance_scale * (cond_out - uncond)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, Sampler
 
+from ..distributed import group_rank
 from ..keys import IS_SYNTHETIC, SEED
 from ..seeding import hash_seed
 from .schedule import (
@@ -118,17 +119,14 @@ class MixedBatchSampler(Sampler[list[int]]):
         if min_real_per_batch > batch_size:
             raise ValueError(f"min_real_per_batch ({min_real_per_batch}) cannot exceed batch_size ({batch_size}).")
         self.shuffle, self.drop_last, self.seed = bool(shuffle), bool(drop_last), int(seed)
+        group = group_rank()
         if (rank is None) != (num_replicas is None):
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                rank = torch.distributed.get_rank() if rank is None else rank
-                num_replicas = torch.distributed.get_world_size() if num_replicas is None else num_replicas
-            else:
+            if group is None:
                 raise ValueError("Pass rank and num_replicas together (torch.distributed is not initialised).")
+            rank = group[0] if rank is None else rank
+            num_replicas = group[1] if num_replicas is None else num_replicas
         if rank is None:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                rank, num_replicas = torch.distributed.get_rank(), torch.distributed.get_world_size()
-            else:
-                rank, num_replicas = 0, 1
+            rank, num_replicas = group or (0, 1)
         self.num_replicas = check_int("num_replicas", num_replicas)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.num_replicas:
             raise ValueError(f"rank must be an int in [0, {self.num_replicas}), got {rank!r}.")

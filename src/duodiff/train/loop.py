@@ -19,34 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from ..distributed import current_context
 from ..dtypes import autocast, resolve_dtype
 from ..seeding import hash_seed
 from .config import StageConfig
 
-__all__ = ["StepContext", "LossFn", "DistInfo", "dist_info", "run_stage", "lr_at"]
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info() -> DistInfo:
-    """Rank and world size of the current process group (1 process when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size())
-    return DistInfo()
+__all__ = ["StepContext", "LossFn", "run_stage", "lr_at"]
 
 
 @dataclass
@@ -172,7 +155,7 @@ def run_stage(
     Returns:
         the trained module (the EMA copy for diffusion stages) and whether all ``cfg.steps`` steps are done.
     """
-    di = dist_info()
+    di = current_context()
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -258,8 +241,7 @@ def run_stage(
         save_checkpoint(ckpt_root, end, model, opt, ema, scaler.state_dict() if scaler else None)
     if writer is not None:
         writer.close()
-    if di.world_size > 1:
-        dist.barrier()
+    di.barrier()
     model.eval()
     result = ema.module if ema is not None else model
     return result, finished

@@ -17,18 +17,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import keys
 from ..attributes import compute_attributes, standardise
 from ..config import ConfigError
 from ..data.folders import dataset_label_names
+from ..distributed import init_distributed
 from ..pipeline import DuoDiffusion
 from ..presets import image_prediction_type_of, make_config
 from .config import STAGES, TrainConfig, load_train_config
 from .data import BadCaseError, PreparedData, data_summary, foreground_loss_cases, prepare_dataset
-from .loop import dist_info, run_stage
+from .loop import run_stage
 from .stages import AutoencoderStep, ControlledUNet, autoencoder_loss, diffusion_loss, encode_latents
 
 __all__ = ["train", "Trainer"]
@@ -45,19 +45,6 @@ _DEPENDS = {
 }
 
 
-def _init_distributed(device: str) -> torch.device:
-    """Join a torchrun process group if one is configured; returns this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-    if device.startswith("cuda") and world > 1:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device(device)
-
-
 class Trainer:
     """Trains the stages of one run folder; see :func:`train`."""
 
@@ -65,8 +52,10 @@ class Trainer:
         self.cfg = config
         self.out = Path(config.output_dir)
         self.model_dir = self.out / "model"
-        self.device = _init_distributed(config.device)
-        self.di = dist_info()
+        self.di = init_distributed(config.device)
+        self.device = torch.device(self.di.device(config.device))
+        if self.device.type == "cuda" and self.di.is_distributed:
+            torch.cuda.set_device(self.device)
         self._data: PreparedData | None = None
         #: stage -> the module this process trained (its own replica under DDP)
         self.trained: dict[str, torch.nn.Module] = {}
@@ -248,8 +237,7 @@ class Trainer:
                 f"`{TRAINING_CASES}`, so the model can be tested on cases it never saw.{taken}"]))
             save_pipeline(pipe, self.model_dir, card=card,
                           extra_files={TRAINING_CASES: json.dumps(prov, indent=1) + "\n"})
-        if self.di.world_size > 1:
-            dist.barrier()
+        self.di.barrier()
 
     def _state(self) -> dict:
         f = self.out / "logs" / "stages.json"
