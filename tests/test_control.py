@@ -172,3 +172,15 @@ def test_synthetic_dataset_applies_qc(tmp_path):
     assert plain[0]["seed"] == 0
     with pytest.raises(ValueError, match="unknown option"):
         SyntheticPairDataset(pipe, num_samples=2, sample_kwargs={"qcc": liar})
+
+
+def test_pair_dice_is_the_mean_foreground_dice_with_absent_classes_scoring_one():
+    """pair_dice (QC) and duodiff.metrics.dice_per_class (evaluate) are one Dice: same values, same empty-class rule."""
+    labels = torch.zeros(2, 1, 4, 4, 4, dtype=torch.long)
+    labels[0, 0, :2] = 1  # sample 0: class 1 (32 voxels), class 2 absent
+    labels[1, 0, :1] = 2  # sample 1: class 2 (16 voxels), class 1 absent
+    pred = labels.clone()
+    pred[0, 0, 0] = 0  # 16 of class 1's 32 voxels missed: Dice 2 * 16 / 48
+    pred[1, 0, 3] = 1  # class 1 predicted but absent: Dice 0
+    expected = torch.tensor([(2 * 16 / 48 + 1.0) / 2, (0.0 + 1.0) / 2])
+    assert torch.allclose(pair_dice(OneHotOf(pred), torch.zeros(2, 1, 4, 4, 4), labels, 3), expected)

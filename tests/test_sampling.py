@@ -121,3 +121,28 @@ def test_denoise_requires_controlnet_and_condition_together(tiny_pipe):
     with pytest.raises(ValueError, match="controlnet and condition must be given together"):
         denoise(tiny_pipe.image_unet, sched, noise, generators=gens, stochastic=False,
                 controlnet=tiny_pipe.image_controlnet, progress=False)
+
+
+def test_controlnet_training_and_sampling_predict_through_the_same_wiring():
+    """The ControlNet stage trains the prediction the sampling loop makes: ControlledUNet (training) and
+    model_output (denoise) give the same output, and the residuals really reach the UNet."""
+    from duodiff.sampling import model_output
+    from duodiff.testing import tiny_pipeline
+    from duodiff.train.stages import ControlledUNet
+
+    pipe = tiny_pipeline()  # randomised weights: a fresh UNet outputs exactly 0
+    torch.manual_seed(0)
+    x = torch.randn(2, *pipe.config.image_latent_shape)
+    t = torch.tensor([3, 7])
+    labels = torch.randint(0, 3, (2, 1, *pipe.config.volume_shape))
+    cond = pipe.one_hot(labels)
+    with torch.no_grad():
+        sampled = model_output(pipe.image_unet, x, t, controlnet=pipe.image_controlnet, condition=cond)
+        trained = ControlledUNet(pipe.image_unet, pipe.image_controlnet).eval()(x, t, cond)
+        plain = pipe.image_unet(x=x, timesteps=t)
+        unscaled = model_output(pipe.image_unet, x, t, controlnet=pipe.image_controlnet, condition=cond,
+                                conditioning_scale=0.0)
+    pipe.image_unet.requires_grad_(True)
+    assert torch.equal(sampled, trained)
+    assert not torch.allclose(sampled, plain)
+    assert torch.allclose(unscaled, plain, atol=1e-6)

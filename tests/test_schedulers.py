@@ -204,14 +204,15 @@ def test_image_side_with_its_own_prediction_type_saves_loads_and_samples(tmp_pat
     stage is sampled with the image schedule, the label stage with the label one, and the setting survives
     save / load; a model without it (all older models) uses ``scheduler`` for both."""
     from duodiff import DuoDiffusion
+    from duodiff.sampling_options import stage_scheduler
 
     base = make_tiny(3)
     assert base.config.image_scheduler is None
     assert base.config.schedule_of("image") is base.config.scheduler
     v = base.config.scheduler.replace(prediction_type="v_prediction")
     pipe = DuoDiffusion(base.config.replace(image_scheduler=v), base.components())
-    assert pipe._new_scheduler("ddim", 3, "image").prediction_type == "v_prediction"
-    assert pipe._new_scheduler("ddim", 3, "label").prediction_type == "epsilon"
+    assert stage_scheduler(pipe, "ddim", 3, "image").prediction_type == "v_prediction"
+    assert stage_scheduler(pipe, "ddim", 3, "label").prediction_type == "epsilon"
     pipe.save_pretrained(tmp_path / "m")
     loaded = DuoDiffusion.from_pretrained(tmp_path / "m")
     assert loaded.config.schedule_of("image") == v and loaded.config.schedule_of("label").prediction_type == "epsilon"

@@ -611,16 +611,16 @@ def test_image_prediction_type_trains_a_v_image_side_beside_an_epsilon_label_sid
     another image prediction type is refused instead of silently mixing them."""
     import dataclasses
 
-    import duodiff.train.trainer as trainer_mod
+    import duodiff.train.stage_kinds as stage_kinds
 
     seen: list[str] = []
-    real_loss = trainer_mod.diffusion_loss
+    real_loss = stage_kinds.diffusion_loss
 
     def spy(latents, scheduler_cfg, **kw):
         seen.append(scheduler_cfg.prediction_type)
         return real_loss(latents, scheduler_cfg, **kw)
 
-    monkeypatch.setattr(trainer_mod, "diffusion_loss", spy)
+    monkeypatch.setattr(stage_kinds, "diffusion_loss", spy)
     cfg = make_config(tmp_path, dataset, steps=2)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_prediction_type="v_prediction"))
     model_dir = train(cfg, stages=["label_autoencoder", "label_unet", "image_autoencoder", "image_unet",
@@ -633,3 +633,15 @@ def test_image_prediction_type_trains_a_v_image_side_beside_an_epsilon_label_sid
         train(again, stages=["image_unet"])
     with pytest.raises(ValueError, match=r"image_prediction_type must be 'epsilon' or 'v_prediction'"):
         dataclasses.replace(cfg.model, image_prediction_type="sample")
+
+
+def test_each_stage_has_one_trainer_class_and_an_unknown_stage_is_refused():
+    from duodiff.train.config import STAGES
+    from duodiff.train.stage_kinds import AutoencoderStage, ControlNetStage, DiffusionStage, make_stage
+
+    kinds = {s: make_stage(s) for s in STAGES}
+    assert kinds == {"label_autoencoder": AutoencoderStage("label"), "image_autoencoder": AutoencoderStage("image"),
+                     "label_unet": DiffusionStage("label"), "image_unet": DiffusionStage("image"),
+                     "image_controlnet": ControlNetStage("image")}
+    with pytest.raises(ValueError, match=r"Unknown stage 'image_vae'\. Stages are \['label_autoencoder'"):
+        make_stage("image_vae")

@@ -22,8 +22,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import PipelineConfig
+    from .sampling_options import ClassVolumes
 
 __all__ = [
     "SUPPORTED_ATTRIBUTES",
@@ -249,3 +254,29 @@ def warn_outside_training_range(
     for msg in messages:
         warnings.warn(msg, OutOfTrainingRangeWarning, stacklevel=stacklevel + 1)
     return messages
+
+
+def class_volume_request(config: PipelineConfig, class_volumes: ClassVolumes | None, num_samples: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw ``(values, mask)`` of a ``class_volumes`` request (mL), checked against the model's ``config``
+    (see :meth:`duodiff.DuoDiffusion.check_class_volumes`)."""
+    c = config
+    values, mask = requested_attributes(class_volumes, num_samples, attributes=c.attributes,
+                                        label_names=c.label_names, spacing=c.spacing, volume_shape=c.volume_shape)
+    if class_volumes is not None:  # stacklevel: the warning points at the caller of check_class_volumes
+        warn_outside_training_range(values, mask, attributes=c.attributes, label_names=c.label_names,
+                                    spacing=c.spacing, mean=c.attribute_mean, std=c.attribute_std, stacklevel=4)
+    return values, mask
+
+
+def attribute_context(config: PipelineConfig, class_volumes: ClassVolumes | None, num_samples: int) -> tuple:
+    """``(values, mask, context, null_context)`` of a ``class_volumes`` request: the raw ``(N, A)`` values and mask,
+    and the ``(N, 1, E)`` conditional and unconditional contexts (both ``None`` for an unconditioned model)."""
+    c = config
+    values, mask = class_volume_request(c, class_volumes, num_samples)
+    if not c.attributes:
+        return values, mask, None, None
+    dim = c.label_unet.cross_attention_dim
+    context = make_context(standardise(values, c.attribute_mean, c.attribute_std), mask, dim)
+    null_context = make_context(torch.zeros_like(values), torch.zeros_like(mask), dim)
+    return values, mask, context, null_context

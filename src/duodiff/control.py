@@ -8,15 +8,16 @@ still fail are kept and listed, never dropped.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .dice import dice_per_class
+from .seeding import hash_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from .sampling_options import SamplingPlan
@@ -29,8 +30,7 @@ QC_RETRY_SALT = 100
 
 def retry_seed(seed: int, attempt: int) -> int:
     """The seed of retry ``attempt`` (1, 2, ...) of the sample first made with ``seed``."""
-    digest = hashlib.sha256(f"duodiff:retry:{int(seed)}:{int(attempt)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 2
+    return hash_seed("duodiff", "retry", int(seed), int(attempt), bits=62)
 
 
 def volumes_within_tolerance(
@@ -67,19 +67,14 @@ def pair_dice(segmenter: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         labels: int ``(N, 1, H, W, D)``.
 
     Returns:
-        float ``(N,)`` in [0, 1]; a class absent from both prediction and label counts as Dice 1.
+        float ``(N,)`` in [0, 1]: the mean over foreground classes of
+        :func:`duodiff.dice.dice_per_class` (a class absent from both prediction and label counts as Dice 1).
     """
     param = next(segmenter.parameters(), None)
     device = param.device if param is not None else images.device
     with torch.inference_mode():
-        pred = segmenter(images.to(device).float()).argmax(1).cpu()
-    lab = labels[:, 0].cpu().long()
-    p = F.one_hot(pred, num_classes).movedim(-1, 1)[:, 1:].flatten(2).float()
-    g = F.one_hot(lab, num_classes).movedim(-1, 1)[:, 1:].flatten(2).float()
-    inter = (p * g).sum(2)
-    denom = p.sum(2) + g.sum(2)
-    dice = torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom))
-    return dice.mean(1)
+        pred = segmenter(images.to(device).float()).argmax(1, keepdim=True).cpu()
+    return dice_per_class(pred, labels.cpu().long(), num_classes).mean(1)
 
 
 def qc_accepts(segmenter: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,

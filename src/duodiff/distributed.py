@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from .io import NIFTI_SUFFIX, write_json
 
-__all__ = ["shard_seeds", "env_world", "is_torchrun", "DistributedContext", "init_distributed", "finalize_folder"]
+__all__ = ["shard_seeds", "env_world", "is_torchrun", "group_rank", "DistributedContext", "current_context",
+           "init_distributed", "finalize_folder"]
 
 
 def shard_seeds(seeds: Iterable[int], rank: int, world_size: int) -> list[int]:
@@ -60,6 +61,16 @@ def env_world() -> tuple[int, int, int]:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent; launch with torchrun.")
     return rank, world, local
+
+
+def group_rank() -> tuple[int, int] | None:
+    """``(rank, world_size)`` in the initialised default process group, or ``None`` when there is none.
+
+    The one place duodiff asks ``torch.distributed`` for ranks (training loop, data samplers, process groups).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
 
 
 def is_torchrun() -> bool:
@@ -111,14 +122,23 @@ class DistributedContext:
             self.owns_group = False
 
 
+def current_context() -> DistributedContext:
+    """Where this process stands in the current process group (joins none; one process when there is none)."""
+    found = group_rank()
+    if found is None:
+        return DistributedContext()
+    return DistributedContext(*found, local_rank=_env_int("LOCAL_RANK", found[0]), owns_group=False)
+
+
 def init_distributed(device: str = "cpu") -> DistributedContext:
     """Join the launcher's process group (``gloo`` for CPU, ``nccl`` for CUDA) if there is one.
 
     Reuses an existing default group; a single process (no ``WORLD_SIZE > 1``) gets a context
     with ``world_size=1`` and no group.
     """
-    if dist.is_available() and dist.is_initialized():
-        return DistributedContext(dist.get_rank(), dist.get_world_size(), env_world()[2], owns_group=False)
+    found = group_rank()
+    if found is not None:
+        return DistributedContext(*found, env_world()[2], owns_group=False)
     rank, world, local = env_world()
     if world == 1:
         return DistributedContext(0, 1, 0, owns_group=False)

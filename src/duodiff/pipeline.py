@@ -6,8 +6,6 @@ latent with a ControlNet that sees the one-hot label map at image resolution (th
 
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,29 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import keys
-from .attributes import (
-    attribute_names,
-    make_context,
-    requested_attributes,
-    standardise,
-    warn_outside_training_range,
-)
+from .attributes import class_volume_request
 from .config import PipelineConfig
 from .control import RejectionSampler
-from .decoding import TileSize, decode, describe_decode
-from .dtypes import autocast, autocast_dtype, is_dtype_name, resolve_dtype
+from .decoding import TileSize
+from .dtypes import is_dtype_name, resolve_dtype
 from .hub import HubMixin
-from .io import NonFiniteError, spacing_affine
+from .io import spacing_affine
 from .models import build_component
 from .output import DuoSample
 from .presets import make_config
-from .sampling import denoise, initial_noise, stage_generators
-from .sampling_options import ClassVolumes, SamplingOptions, SamplingPlan, check_label_maps, sampling_autocast
-from .schedulers import Sampler, check_num_inference_steps, make_scheduler
+from .sample_stages import collect_pairs, decode_checked, generate_images, generate_labels, run_in_batches
+from .sampling_options import ClassVolumes, SamplingOptions, SamplingPlan, check_label_maps, make_plan
 
 __all__ = ["DuoDiffusion", "resolve_dtype"]  # resolve_dtype: from duodiff.dtypes, re-exported for older code
-
-logger = logging.getLogger(__name__)
 
 class DuoDiffusion(HubMixin):
     """Generates paired (image, label) volumes with two latent diffusion models.
@@ -177,30 +166,6 @@ class DuoDiffusion(HubMixin):
         oh = F.one_hot(labels[:, 0].long(), self.config.num_classes)  # (N, H, W, D, K)
         return oh.movedim(-1, 1).float()
 
-    def _decode(self, kind: str, latents: torch.Tensor, tile: TileSize, seeds: Sequence[int] | None = None
-                ) -> torch.Tensor:
-        """Decode ``kind`` ("label"/"image") latents; raise :class:`NonFiniteError` on NaN/Inf output."""
-        ae = getattr(self, f"{kind}_autoencoder")
-        out = decode(ae, latents / getattr(self.config, f"{kind}_scale_factor"), tile_size=tile)
-        finite = torch.isfinite(out).flatten(1).all(1)
-        if not bool(finite.all()):
-            dtype = autocast_dtype(self.device.type) or self.dtype
-            bad = torch.nonzero(~finite).flatten().tolist()
-            which = f"seeds {[int(seeds[i]) for i in bad]}" if seeds is not None else f"samples {bad}"
-            if dtype == torch.float16:
-                hint = ("float16 overflows beyond 65504 (a known failure of latent-diffusion decoders). Sample with "
-                        "dtype='bfloat16' (float32's range, fast on recent CPUs/GPUs) or dtype=None (float32).")
-            elif dtype == torch.bfloat16:
-                hint = "Sample with dtype=None (float32); if that fails too, the model's weights are broken."
-            else:
-                hint = "The model's weights or latents are broken (NaN/Inf in the checkpoint?); check the model."
-            raise NonFiniteError(
-                f"The {kind} autoencoder decoded NaN/Inf values for {len(bad)} of {len(finite)} sample(s) ({which}) "
-                f"with dtype={str(dtype).removeprefix('torch.')}; duodiff does not return or save such volumes. "
-                f"{hint}"
-            )
-        return out
-
     @torch.inference_mode()
     def decode_labels(self, latents: torch.Tensor, *, decode_tile_size: TileSize = "auto") -> torch.Tensor:
         """Scaled label latents ``(N, C, h, w, d)`` -> int64 label ids ``(N, 1, H, W, D)``.
@@ -208,7 +173,7 @@ class DuoDiffusion(HubMixin):
         ``decode_tile_size``: see :func:`duodiff.decoding.decode` (``"auto"`` decodes whole volumes, exactly,
         whatever the free memory). Raises :class:`~duodiff.io.NonFiniteError` if the logits hold NaN/Inf.
         """
-        return self._decode("label", latents, decode_tile_size).argmax(dim=1, keepdim=True)
+        return decode_checked(self, "label", latents, decode_tile_size).argmax(dim=1, keepdim=True)
 
     @torch.inference_mode()
     def decode_images(self, latents: torch.Tensor, *, decode_tile_size: TileSize = "auto") -> torch.Tensor:
@@ -217,26 +182,7 @@ class DuoDiffusion(HubMixin):
         ``decode_tile_size``: as in :meth:`decode_labels`. Raises :class:`~duodiff.io.NonFiniteError` if the
         decoder output holds NaN/Inf (checked before clamping, which would hide Inf).
         """
-        return self._decode("image", latents, decode_tile_size).clamp_(0.0, 1.0)
-
-    def _batched(self, n: int, batch_size: int, fn: Any) -> list:
-        """``[fn(start, stop) for each batch]``; on CUDA OOM the batch is retried at half size (logged)."""
-        results, start = [], 0
-        while start < n:
-            stop = min(start + batch_size, n)
-            try:
-                results.append(fn(start, stop))
-            except torch.cuda.OutOfMemoryError:
-                if stop - start == 1:
-                    raise
-                batch_size = (stop - start) // 2
-                logger.warning("CUDA out of memory with a batch of %d; retrying with batches of %d",
-                               stop - start, batch_size)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            start = stop
-        return results
+        return decode_checked(self, "image", latents, decode_tile_size).clamp_(0.0, 1.0)
 
     def validate_labels(self, labels: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Check user label maps and return int64 ``(N, 1, H, W, D)`` on the pipeline's device.
@@ -247,98 +193,28 @@ class DuoDiffusion(HubMixin):
         return check_label_maps(labels, self.config.volume_shape, self.config.label_names).to(self.device)
 
     # ------------------------------------------------------------------ sampling
-    def _prepare(self, options: SamplingOptions) -> SamplingPlan:
-        """Check ``options`` against this model, before any work; return them resolved.
-
-        Checks ``num_inference_steps`` against both training schedules and the ``class_volumes`` request, resolves
-        ``dtype`` against the weights (``"auto"`` is measured here) and builds each stage's scheduler once (e.g.
-        ``'dpmsolver++'`` without diffusers fails here).
-        """
-        c = self.config
-        for kind in ("label", "image"):
-            check_num_inference_steps(options.num_inference_steps, c.schedule_of(kind))
-        values, mask, context, null_context = self._attribute_context(options.class_volumes, options.num_samples)
-        amp = sampling_autocast(self, options.dtype, options.num_inference_steps)
-        new_scheduler = functools.partial(self._new_scheduler, options.scheduler, options.num_inference_steps)
-        for kind in ("label", "image"):
-            new_scheduler(kind)
-        cols = [i for i, n in enumerate(attribute_names(c.attributes, c.label_names)) if n.startswith("volume:")]
-        return SamplingPlan(options, new_scheduler, amp, values[:, cols], mask[:, cols], context, null_context)
-
-    def _new_scheduler(self, scheduler: str, num_inference_steps: int, kind: str) -> Sampler:
-        sched = make_scheduler(scheduler, self.config.schedule_of(kind))
-        sched.set_timesteps(num_inference_steps, device=self.device)
-        return sched
-
-    def check_class_volumes(
-        self,
-        class_volumes: ClassVolumes | None,
-        num_samples: int = 1,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def check_class_volumes(self, class_volumes: ClassVolumes | None, num_samples: int = 1
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate a ``class_volumes`` request (mL) as :meth:`sample` does; returns the raw ``(values, mask)``.
 
         Raises ``ValueError`` for unknown classes, non-positive volumes and volumes above the field of view
         (``volume_shape`` x ``spacing``, in mL); warns (:class:`~duodiff.attributes.OutOfTrainingRangeWarning`)
         for volumes far outside the training statistics the model records, giving the range in mL.
         """
-        c = self.config
-        values, mask = requested_attributes(class_volumes, num_samples, attributes=c.attributes,
-                                            label_names=c.label_names, spacing=c.spacing,
-                                            volume_shape=c.volume_shape)
-        if class_volumes is not None:
-            warn_outside_training_range(values, mask, attributes=c.attributes, label_names=c.label_names,
-                                        spacing=c.spacing, mean=c.attribute_mean, std=c.attribute_std,
-                                        stacklevel=3)
-        return values, mask
-
-    def _attribute_context(self, class_volumes, n: int):
-        """``(values, mask, context, null_context)`` of a ``class_volumes`` request (contexts None if unconditioned)."""
-        c = self.config
-        values, mask = self.check_class_volumes(class_volumes, n)
-        if not c.attributes:
-            return values, mask, None, None
-        dim = c.label_unet.cross_attention_dim
-        context = make_context(standardise(values, c.attribute_mean, c.attribute_std), mask, dim)
-        null_context = make_context(torch.zeros_like(values), torch.zeros_like(mask), dim)
-        return values, mask, context, null_context
+        return class_volume_request(self.config, class_volumes, num_samples)
 
     def _generate_labels(self, seeds: Sequence[int], plan: SamplingPlan, context: torch.Tensor | None = None,
                          null_context: torch.Tensor | None = None) -> torch.Tensor:
-        """Stage 1 for ``seeds``: int64 label ids ``(len(seeds), 1, H, W, D)`` on the pipeline's device."""
-        opts = plan.options
-        gens = stage_generators(seeds, "label")
-        noise = initial_noise(gens, self.config.label_latent_shape, self.device)
-        if context is not None and null_context is not None:
-            context, null_context = context.to(self.device), null_context.to(self.device)
-        with autocast(self.device.type, plan.amp):
-            z = denoise(self.label_unet, plan.new_scheduler("label"), noise, generators=gens,
-                        stochastic=opts.stochastic, progress=opts.progress, desc="labels", context=context,
-                        null_context=null_context, guidance_scale=opts.guidance_scale)
-            return self._decode("label", z, opts.decode_tile_size, seeds).argmax(dim=1, keepdim=True)
+        """Stage 1 for ``seeds`` (:func:`duodiff.sample_stages.generate_labels`)."""
+        return generate_labels(self, seeds, plan, context, null_context)
 
     def _generate_images(self, labels: torch.Tensor, seeds: Sequence[int], plan: SamplingPlan) -> torch.Tensor:
-        """Stage 2 for int64 ``labels`` ``(n, 1, H, W, D)``: float32 images ``(n, C, H, W, D)`` in [0, 1]."""
-        opts = plan.options
-        gens = stage_generators(seeds, "image")
-        noise = initial_noise(gens, self.config.image_latent_shape, self.device)
-        with autocast(self.device.type, plan.amp):
-            z = denoise(self.image_unet, plan.new_scheduler("image"), noise, generators=gens,
-                        stochastic=opts.stochastic, controlnet=self.image_controlnet, condition=self.one_hot(labels),
-                        conditioning_scale=opts.conditioning_scale, progress=opts.progress, desc="images")
-            return self._decode("image", z, opts.decode_tile_size, seeds).clamp_(0.0, 1.0)
+        """Stage 2 for ``labels`` (:func:`duodiff.sample_stages.generate_images`)."""
+        return generate_images(self, labels, seeds, plan)
 
     def _result(self, images: list[torch.Tensor], labels: list[torch.Tensor], seeds: list[int], tile: TileSize,
                 stages: Sequence[str] = ("label", "image")) -> DuoSample:
-        c = self.config
-        paths = {
-            kind: describe_decode(getattr(self, f"{kind}_autoencoder"),
-                                  (1, *getattr(c, f"{kind}_latent_shape")), tile)
-            for kind in stages
-        }
-        return DuoSample(
-            images=torch.cat(images).cpu(), labels=torch.cat(labels).cpu(), affine=self.affine,
-            spacing=c.spacing, label_names=c.label_names, seeds=seeds, decode=paths,
-        )
+        return collect_pairs(self, images, labels, seeds, tile, stages)
 
     @torch.inference_mode()
     def sample(
@@ -421,12 +297,12 @@ class DuoDiffusion(HubMixin):
             scheduler=scheduler, conditioning_scale=conditioning_scale, dtype=dtype, decode_tile_size=decode_tile_size,
             class_volumes=class_volumes, guidance_scale=guidance_scale, volume_tolerance=volume_tolerance, qc=qc,
             qc_threshold=qc_threshold, max_retries=max_retries, progress=progress)
-        plan = self._prepare(options)
+        plan = make_plan(self, options)
         # 2. labels, then images for them, batch by batch (halved on CUDA OOM); rejected samples get new seeds
         sampler = RejectionSampler(plan, lambda seeds, idx: self._generate_labels(seeds, plan, *plan.contexts(idx)),
                                    lambda labels, seeds: self._generate_images(labels, seeds, plan),
                                    self.config.num_classes)
-        images, labels = zip(*self._batched(num_samples, options.batch, sampler.pairs))
+        images, labels = zip(*run_in_batches(num_samples, options.batch, sampler.pairs))
         # 3. on the CPU, with the seed that made each sample and the acceptance report
         result = self._result(list(images), list(labels), sampler.seeds, decode_tile_size)
         if options.constrained:
@@ -464,12 +340,12 @@ class DuoDiffusion(HubMixin):
             num_samples, seed=seed, generator=generator, batch_size=batch_size, num_inference_steps=num_inference_steps,
             scheduler=scheduler, dtype=dtype, class_volumes=class_volumes, guidance_scale=guidance_scale,
             progress=progress)
-        plan = self._prepare(options)
+        plan = make_plan(self, options)
 
         def labels(start: int, stop: int) -> torch.Tensor:
             return self._generate_labels(options.seeds[start:stop], plan, *plan.contexts(slice(start, stop))).cpu()
 
-        return torch.cat(self._batched(num_samples, options.batch, labels))
+        return torch.cat(run_in_batches(num_samples, options.batch, labels))
 
     @torch.inference_mode()
     def generate_images(
@@ -508,11 +384,11 @@ class DuoDiffusion(HubMixin):
             int(lab.shape[0]), seed=seed, generator=generator, batch_size=batch_size,
             num_inference_steps=num_inference_steps, scheduler=scheduler, conditioning_scale=conditioning_scale,
             dtype=dtype, decode_tile_size=decode_tile_size, progress=progress)
-        plan = self._prepare(options)
+        plan = make_plan(self, options)
         seeds = list(options.seeds)
 
         def images(start: int, stop: int) -> torch.Tensor:
             return self._generate_images(lab[start:stop], seeds[start:stop], plan)
 
-        images_ = self._batched(options.num_samples, options.batch, images)
+        images_ = run_in_batches(options.num_samples, options.batch, images)
         return self._result(images_, [lab], seeds, decode_tile_size, stages=("image",))

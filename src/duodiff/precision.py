@@ -186,6 +186,7 @@ def _run_stage(pipe: DuoDiffusion, stage: str, dtype: torch.dtype, condition: to
                num_steps: int) -> tuple[float, float, torch.Tensor]:
     """One sample of ``stage`` in ``dtype`` from fixed noise: ``(denoise seconds, decode seconds, decoded float32
     output (1, C, H, W, D))``."""
+    from .attributes import attribute_context
     from .decoding import decode
     from .sampling import denoise, initial_noise, stage_generators
     from .schedulers import make_scheduler
@@ -200,7 +201,7 @@ def _run_stage(pipe: DuoDiffusion, stage: str, dtype: torch.dtype, condition: to
         _sync(device)
         t0 = time.perf_counter()
         if stage == "label":
-            _, _, context, null_context = pipe._attribute_context(None, 1)
+            _, _, context, null_context = attribute_context(pipe.config, None, 1)
             if context is not None:
                 context, null_context = context.to(device), null_context.to(device)
             z = denoise(pipe.label_unet, sched, noise, generators=gens, stochastic=False, progress=False,

@@ -7,7 +7,6 @@ its seed: it is the same whether made alone or in a batch, on CPU or CUDA.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,16 +14,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .schedulers import STOCHASTIC_SAMPLERS, Sampler
+from .seeding import hash_seed
 
-__all__ = ["stage_generators", "initial_noise", "denoise"]
+__all__ = ["stage_generators", "initial_noise", "model_output", "denoise"]
 
 _STAGE_SALT = {"label": 0, "image": 1}
-
-
-def _stage_seed(seed: int, stage: str) -> int:
-    """A 63-bit seed for ``stage`` derived from the sample seed (stable across versions)."""
-    digest = hashlib.sha256(f"duodiff:{stage}:{seed}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def stage_generators(seeds: Sequence[int], stage: str) -> list[torch.Generator]:
@@ -35,7 +29,7 @@ def stage_generators(seeds: Sequence[int], stage: str) -> list[torch.Generator]:
     """
     if stage not in _STAGE_SALT:
         raise ValueError(f"stage must be one of {list(_STAGE_SALT)}, got {stage!r}.")
-    return [torch.Generator().manual_seed(_stage_seed(int(s), stage)) for s in seeds]
+    return [torch.Generator().manual_seed(hash_seed("duodiff", stage, int(s))) for s in seeds]
 
 
 def initial_noise(
@@ -48,6 +42,41 @@ def initial_noise(
     """
     noise = torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
     return noise.to(device)
+
+
+def model_output(
+    unet: nn.Module,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    context: torch.Tensor | None = None,
+    controlnet: nn.Module | None = None,
+    condition: torch.Tensor | None = None,
+    conditioning_scale: float = 1.0,
+) -> torch.Tensor:
+    """The UNet's prediction for noisy latents, with the ControlNet's residuals added when one is given.
+
+    The one place the UNet and ControlNet are wired together: the ControlNet training stage
+    (:class:`duodiff.train.stages.ControlledUNet`) and :func:`denoise` both call it.
+
+    Args:
+        unet: a MONAI ``DiffusionModelUNet``.
+        x: ``(B, C, h, w, d)`` noisy latents.
+        timesteps: int64 ``(B,)`` diffusion timesteps.
+        context: optional ``(B, 1, E)`` cross-attention context.
+        controlnet: optional MONAI ``ControlNet``; its ``(down, mid)`` residuals go to the UNet.
+        condition: ``(B, K, H, W, D)`` ControlNet input (one-hot labels); used only with ``controlnet``.
+        conditioning_scale: multiplier of the ControlNet residuals.
+
+    Returns:
+        ``(B, C, h, w, d)`` noise, v or x0 (the UNet's ``prediction_type``), in the UNet's output dtype.
+    """
+    residuals: dict = {}
+    if controlnet is not None:
+        down, mid = controlnet(x=x, timesteps=timesteps, controlnet_cond=condition,
+                               conditioning_scale=conditioning_scale, context=context)
+        residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    return unet(x=x, timesteps=timesteps, context=context, **residuals)
 
 
 def denoise(
@@ -102,13 +131,8 @@ def denoise(
             t = torch.cat([t, t])
             ctx = torch.cat([null_context, context])  # type: ignore[list-item]
             cond = None if condition is None else torch.cat([condition, condition])
-        residuals: dict = {}
-        if controlnet is not None:
-            down, mid = controlnet(
-                x=x, timesteps=t, controlnet_cond=cond, conditioning_scale=conditioning_scale, context=ctx
-            )
-            residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-        out = unet(x=x, timesteps=t, context=ctx, **residuals).float()
+        out = model_output(unet, x, t, context=ctx, controlnet=controlnet, condition=cond,
+                           conditioning_scale=conditioning_scale).float()
         if use_cfg:
             uncond, cond_out = out.chunk(2)
             out = uncond + guidance_scale * (cond_out - uncond)

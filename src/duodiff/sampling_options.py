@@ -12,6 +12,7 @@ label maps given to ``generate_images``.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import secrets
@@ -23,16 +24,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from .attributes import attribute_context, attribute_names
 from .decoding import TileSize, check_tile_size
 from .dtypes import resolve_dtype
 from .precision import choose_dtype, is_auto
 from .sampling import is_stochastic
-from .schedulers import Sampler, check_scheduler_name
+from .schedulers import Sampler, check_num_inference_steps, check_scheduler_name, make_scheduler
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import DuoDiffusion
 
-__all__ = ["SamplingOptions", "SamplingPlan", "ClassVolumes", "check_label_maps", "sampling_autocast"]
+__all__ = ["SamplingOptions", "SamplingPlan", "ClassVolumes", "check_label_maps", "sampling_autocast", "make_plan",
+           "stage_scheduler"]
 
 #: A ``class_volumes`` request: ``{class name or id: mL}`` for all samples, or one mapping per sample.
 ClassVolumes = Mapping[str | int, float] | Sequence[Mapping[str | int, float]]
@@ -268,3 +271,30 @@ def sampling_autocast(pipe: DuoDiffusion, dtype: str | torch.dtype | None, num_i
                 f"{weights}) or cast the weights first with pipe.to(dtype=...)."
             )
     return amp
+
+
+def make_plan(pipe: DuoDiffusion, options: SamplingOptions) -> SamplingPlan:
+    """Check ``options`` against ``pipe``, before any work; return them resolved.
+
+    Checks ``num_inference_steps`` against both training schedules and the ``class_volumes`` request, resolves
+    ``dtype`` against the weights (``"auto"`` is measured here) and builds each stage's scheduler once (e.g.
+    ``'dpmsolver++'`` without diffusers fails here).
+    """
+    c = pipe.config
+    for kind in ("label", "image"):
+        check_num_inference_steps(options.num_inference_steps, c.schedule_of(kind))
+    values, mask, context, null_context = attribute_context(c, options.class_volumes, options.num_samples)
+    amp = sampling_autocast(pipe, options.dtype, options.num_inference_steps)
+    new_scheduler = functools.partial(stage_scheduler, pipe, options.scheduler, options.num_inference_steps)
+    for kind in ("label", "image"):
+        new_scheduler(kind)
+    cols = [i for i, n in enumerate(attribute_names(c.attributes, c.label_names)) if n.startswith("volume:")]
+    return SamplingPlan(options, new_scheduler, amp, values[:, cols], mask[:, cols], context, null_context)
+
+
+def stage_scheduler(pipe: DuoDiffusion, scheduler: str, num_inference_steps: int, kind: str) -> Sampler:
+    """A fresh ``scheduler`` sampler on the ``kind`` (``"label"`` / ``"image"``) training schedule of ``pipe``, with
+    ``num_inference_steps`` timesteps on its device."""
+    sched = make_scheduler(scheduler, pipe.config.schedule_of(kind))
+    sched.set_timesteps(num_inference_steps, device=pipe.device)
+    return sched

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -10,7 +9,9 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, Sampler
 
+from ..distributed import group_rank
 from ..keys import IS_SYNTHETIC, SEED
+from ..seeding import hash_seed
 from .schedule import (
     DEFAULT_SCHEDULE_UNIT,
     FractionSchedule,
@@ -25,8 +26,7 @@ __all__ = ["MixedBatchSampler", "mark_real", "derive_seed"]
 
 def derive_seed(*parts: Any) -> int:
     """A 63-bit seed hashed from ``parts`` (the same parts give the same seed in every process)."""
-    digest = hashlib.sha256(":".join(str(p) for p in ("duodiff-mix", *parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return hash_seed("duodiff-mix", *parts)
 
 
 def mark_real(item: Mapping[str, Any]) -> dict[str, Any]:
@@ -119,17 +119,14 @@ class MixedBatchSampler(Sampler[list[int]]):
         if min_real_per_batch > batch_size:
             raise ValueError(f"min_real_per_batch ({min_real_per_batch}) cannot exceed batch_size ({batch_size}).")
         self.shuffle, self.drop_last, self.seed = bool(shuffle), bool(drop_last), int(seed)
+        group = group_rank()
         if (rank is None) != (num_replicas is None):
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                rank = torch.distributed.get_rank() if rank is None else rank
-                num_replicas = torch.distributed.get_world_size() if num_replicas is None else num_replicas
-            else:
+            if group is None:
                 raise ValueError("Pass rank and num_replicas together (torch.distributed is not initialised).")
+            rank = group[0] if rank is None else rank
+            num_replicas = group[1] if num_replicas is None else num_replicas
         if rank is None:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                rank, num_replicas = torch.distributed.get_rank(), torch.distributed.get_world_size()
-            else:
-                rank, num_replicas = 0, 1
+            rank, num_replicas = group or (0, 1)
         self.num_replicas = check_int("num_replicas", num_replicas)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.num_replicas:
             raise ValueError(f"rank must be an int in [0, {self.num_replicas}), got {rank!r}.")

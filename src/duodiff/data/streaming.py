@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..distributed import group_rank
 from ..threads import GENERATION_THREADS
 from .generation import GeneratorBacked, PairGenerator, check_device_usable
 from .pool import GenerationPool
@@ -27,9 +28,7 @@ def _resolve_rank(rank: int | None, world_size: int | None, fallback: tuple[int,
     """(rank, world_size): explicit arguments, else torch.distributed, else ``fallback``, else (0, 1)."""
     if rank is not None and world_size is not None:
         return rank, world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return fallback or (0, 1)
+    return group_rank() or fallback or (0, 1)
 
 
 def _check_rank(rank: int | None, world_size: int | None) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .consistency import dice_per_class
+from ..dice import dice_per_class
 from .ssim import ssim
 
 __all__ = ["psnr", "reconstruct", "image_reconstruction", "label_reconstruction"]

@@ -11,35 +11,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from ..dice import dice_per_class
 
 __all__ = ["dice_per_class", "pair_consistency"]
-
-
-def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Dice of each foreground class (``monai.metrics.DiceMetric``).
-
-    A class absent from both prediction and target scores 1; absent from the target only, 0.
-
-    Args:
-        pred: int ``(N, 1, H, W, D)`` predicted ids.
-        target: int ``(N, 1, H, W, D)`` reference ids.
-        num_classes: classes including background.
-
-    Returns:
-        float32 ``(N, num_classes - 1)``.
-    """
-    from monai.metrics import DiceMetric
-
-    if pred.shape != target.shape or pred.ndim != 5 or pred.shape[1] != 1:
-        raise ValueError(f"pred and target must both be (N, 1, H, W, D), got {tuple(pred.shape)} and "
-                         f"{tuple(target.shape)}.")
-
-    def one_hot(x: torch.Tensor) -> torch.Tensor:
-        return F.one_hot(x[:, 0].long(), num_classes).movedim(-1, 1).float()
-
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
-    return torch.as_tensor(metric(one_hot(pred), one_hot(target))).float()
 
 
 @torch.no_grad()

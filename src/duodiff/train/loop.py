@@ -9,7 +9,6 @@ exactly what the uninterrupted run would have drawn.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -20,38 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from ..distributed import current_context
 from ..dtypes import autocast, resolve_dtype
+from ..seeding import hash_seed
 from .config import StageConfig
 
-__all__ = ["StepContext", "LossFn", "DistInfo", "dist_info", "run_stage", "lr_at", "derived_seed"]
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info() -> DistInfo:
-    """Rank and world size of the current process group (1 process when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size())
-    return DistInfo()
-
-
-def derived_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (stable across processes and versions)."""
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+__all__ = ["StepContext", "LossFn", "run_stage", "lr_at"]
 
 
 @dataclass
@@ -177,7 +155,7 @@ def run_stage(
     Returns:
         the trained module (the EMA copy for diffusion stages) and whether all ``cfg.steps`` steps are done.
     """
-    di = dist_info()
+    di = current_context()
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -209,13 +187,13 @@ def run_stage(
         for g in opt.param_groups:
             g["lr"] = lr
         # 1. this step's batch: a fresh permutation derived from (seed, stage, step) — identical on every rank
-        perm_gen = torch.Generator().manual_seed(derived_seed(seed, name, "data", step))
+        perm_gen = torch.Generator().manual_seed(hash_seed(seed, name, "data", step))
         if num_samples >= per_rank * di.world_size:
             perm = torch.randperm(num_samples, generator=perm_gen)[: per_rank * di.world_size]
         else:
             perm = torch.randint(0, num_samples, (per_rank * di.world_size,), generator=perm_gen)
         indices = perm[di.rank * per_rank : (di.rank + 1) * per_rank]
-        noise_gen = torch.Generator().manual_seed(derived_seed(seed, name, "noise", step, di.rank))
+        noise_gen = torch.Generator().manual_seed(hash_seed(seed, name, "noise", step, di.rank))
         ctx = StepContext(step=step, indices=indices, generator=noise_gen, device=device)
         # 2. forward + backward
         with autocast(device.type, resolve_dtype(amp)):
@@ -263,8 +241,7 @@ def run_stage(
         save_checkpoint(ckpt_root, end, model, opt, ema, scaler.state_dict() if scaler else None)
     if writer is not None:
         writer.close()
-    if di.world_size > 1:
-        dist.barrier()
+    di.barrier()
     model.eval()
     result = ema.module if ema is not None else model
     return result, finished

@@ -14,6 +14,7 @@ from monai.losses import DiceLoss
 from torch import nn
 
 from ..attributes import make_context
+from ..sampling import model_output
 from ..schedulers import make_scheduler
 from .loop import StepContext
 
@@ -53,8 +54,9 @@ class ControlledUNet(nn.Module):
         self.controlnet = controlnet
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        down, mid = self.controlnet(x=x, timesteps=t, controlnet_cond=cond)
-        return self.unet(x=x, timesteps=t, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        """The UNet's prediction ``(N, C, h, w, d)`` for latents ``x`` at timesteps ``t`` ``(N,)`` given the
+        one-hot ``cond`` ``(N, K, H, W, D)``, through :func:`duodiff.sampling.model_output` (as sampling does)."""
+        return model_output(self.unet, x, t, controlnet=self.controlnet, condition=cond)
 
     def train(self, mode: bool = True) -> ControlledUNet:
         super().train(mode)

@@ -17,19 +17,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from .. import keys
-from ..attributes import compute_attributes, standardise
 from ..config import ConfigError
 from ..data.folders import dataset_label_names
+from ..distributed import init_distributed
 from ..pipeline import DuoDiffusion
 from ..presets import image_prediction_type_of, make_config
 from .config import STAGES, TrainConfig, load_train_config
 from .data import BadCaseError, PreparedData, data_summary, foreground_loss_cases, prepare_dataset
-from .loop import dist_info, run_stage
-from .stages import AutoencoderStep, ControlledUNet, autoencoder_loss, diffusion_loss, encode_latents
+from .previews import write_previews
+from .stage_kinds import StageJob, make_stage
 
 __all__ = ["train", "Trainer"]
 
@@ -45,19 +43,6 @@ _DEPENDS = {
 }
 
 
-def _init_distributed(device: str) -> torch.device:
-    """Join a torchrun process group if one is configured; returns this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-    if device.startswith("cuda") and world > 1:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device(device)
-
-
 class Trainer:
     """Trains the stages of one run folder; see :func:`train`."""
 
@@ -65,8 +50,10 @@ class Trainer:
         self.cfg = config
         self.out = Path(config.output_dir)
         self.model_dir = self.out / "model"
-        self.device = _init_distributed(config.device)
-        self.di = dist_info()
+        self.di = init_distributed(config.device)
+        self.device = torch.device(self.di.device(config.device))
+        if self.device.type == "cuda" and self.di.is_distributed:
+            torch.cuda.set_device(self.device)
         self._data: PreparedData | None = None
         #: stage -> the module this process trained (its own replica under DDP)
         self.trained: dict[str, torch.nn.Module] = {}
@@ -248,8 +235,7 @@ class Trainer:
                 f"`{TRAINING_CASES}`, so the model can be tested on cases it never saw.{taken}"]))
             save_pipeline(pipe, self.model_dir, card=card,
                           extra_files={TRAINING_CASES: json.dumps(prov, indent=1) + "\n"})
-        if self.di.world_size > 1:
-            dist.barrier()
+        self.di.barrier()
 
     def _state(self) -> dict:
         f = self.out / "logs" / "stages.json"
@@ -301,116 +287,36 @@ class Trainer:
         return self.model_dir
 
     def _run_stage(self, stage: str, *, resume: bool, stop_after: int | None, finetune: bool = False) -> bool:
-        data, cfg, scfg = self.data, self.cfg, self.cfg.stages[stage]
+        cfg, scfg = self.cfg, self.cfg.stages[stage]
         pipe = self.load_pipeline()
-        pc = pipe.config
         before = self._finetuned_from(stage) if finetune else None
         if before is None:
             # a (re-)run starts from the stage's initial weights, never silently from weights trained before
-            fresh = DuoDiffusion.from_config(pc, init_seed=cfg.seed)
-            pipe = DuoDiffusion(pc, pipe.components() | {stage: getattr(fresh, stage)})
+            fresh = DuoDiffusion.from_config(pipe.config, init_seed=cfg.seed)
+            pipe = DuoDiffusion(pipe.config, pipe.components() | {stage: getattr(fresh, stage)})
         # a fine-tune draws new data orders and noise, and keeps its own checkpoints and log
         run_name = stage if before is None else f"{stage}+ft{before['steps']}"
-        common = dict(
-            num_samples=len(data.names), seed=cfg.seed, device=self.device, amp=scfg.amp or cfg.amp,
-            ckpt_root=self.out / "checkpoints" / run_name, log_file=self.out / "logs" / f"{run_name}.csv",
-            resume=resume, stop_after=stop_after, progress=cfg.progress,
-        )
+        ckpt_root = self.out / "checkpoints" / run_name
+        loop = dict(num_samples=len(self.data.names), seed=cfg.seed, device=self.device, amp=scfg.amp or cfg.amp,
+                    ckpt_root=ckpt_root, log_file=self.out / "logs" / f"{run_name}.csv", resume=resume,
+                    stop_after=stop_after, progress=cfg.progress)
+        job = StageJob(stage=stage, run_name=run_name, pipe=pipe, data=self.data, config=scfg, device=self.device,
+                       finetune_from=before, resume=resume, checkpoint_dir=ckpt_root, loop=loop)
         t0 = time.perf_counter()
-        info: dict = {}
-        if stage in ("label_autoencoder", "image_autoencoder"):
-            kind = stage.split("_")[0]
-            ae = getattr(pipe, stage)
-            latent = pc.label_latent_shape if kind == "label" else pc.image_latent_shape
-            ae_cfg = getattr(pc, stage)
-            patch = tuple(scfg.patch_size) or None
-            se_weight = scfg.scale_equivariance_weight if kind == "image" else 0.0
-            df = ae_cfg.downsample_factor * (2 if se_weight > 0 else 1)
-            sides = patch if patch is not None else tuple(pc.volume_shape)
-            if any(p % df or p > v for p, v in zip(sides, pc.volume_shape)):
-                what = "patch_size" if patch is not None else "patch_size (empty: the volume_shape)"
-                why = (f"twice the autoencoder's downsampling ({df}; scale_equivariance_weight > 0)"
-                       if se_weight > 0 else f"the autoencoder's downsampling ({df})")
-                raise ConfigError(
-                    f"[stages.{stage}].{what} {list(sides)} must fit in the volume {list(pc.volume_shape)} "
-                    f"and have sides divisible by {why}."
-                )
-            loss = autoencoder_loss(data.images, data.labels, kind=kind, num_classes=pc.num_classes,
-                                    latent_shape=latent, kl_weight=scfg.kl_weight, dice_weight=scfg.dice_weight,
-                                    ssim_weight=scfg.ssim_weight, patch_size=patch,
-                                    downsample_factor=ae_cfg.downsample_factor,
-                                    scale_equivariance_weight=se_weight)
-            if scfg.decoder_only:
-                if before is None:
-                    raise ConfigError(
-                        f"[stages.{stage}].decoder_only fine-tunes the decoder of a trained autoencoder: run it "
-                        f"with --finetune after the stage has finished, or set decoder_only = false."
-                    )
-                frozen = [ae.encoder, ae.quant_conv_mu, ae.quant_conv_log_sigma]
-                for m in frozen:
-                    m.requires_grad_(False)
-            try:
-                wrapper, finished = run_stage(run_name, AutoencoderStep(ae), loss, scfg, use_ema=False, **common)
-            finally:
-                ae.requires_grad_(True)
-            ae = wrapper.autoencoder
-            self.trained[stage] = ae
-            x = self._ae_inputs(kind, data.images, data.labels, pc.num_classes)
-            z = encode_latents(ae, x, device=self.device)
-            key = f"{kind}_scale_factor"
-            # a decoder-only fine-tune keeps the latent the diffusion UNets learned, scale factor included (a
-            # recomputed one can differ in the last digits, e.g. when the stage first ran under bf16 autocast)
-            scale = float(getattr(pc, key)) if scfg.decoder_only else float(1.0 / z.std().clamp_min(1e-6))
-            pipe = DuoDiffusion(pc.replace(**{key: scale}), pipe.components() | {stage: ae.cpu()})
-            info.update(scale_factor=scale, latent_std=float(z.std()))
-            info.update(self._validate_autoencoder(kind, pipe))
-        elif stage in ("label_unet", "image_unet"):
-            kind = stage.split("_")[0]
-            latents = self._latents(pipe, kind)
-            unet = getattr(pipe, stage)
-            attr_kwargs: dict = {}
-            if stage == "label_unet" and pc.attributes:
-                raw = compute_attributes(data.labels, pc.num_classes, pc.attributes)
-                mean, std = raw.mean(0), raw.std(0).clamp_min(1e-3)
-                pc = pc.replace(attribute_mean=tuple(mean.tolist()), attribute_std=tuple(std.tolist()))
-                attr_kwargs = dict(attributes=standardise(raw, pc.attribute_mean, pc.attribute_std),
-                                   context_dim=pc.label_unet.cross_attention_dim,
-                                   condition_dropout=scfg.condition_dropout)
-                info["attribute_mean"], info["attribute_std"] = list(pc.attribute_mean), list(pc.attribute_std)
-            loss = diffusion_loss(latents, pc.schedule_of(kind), **attr_kwargs)
-            unet, finished = run_stage(run_name, unet, loss, scfg, use_ema=True, **common)
-            self.trained[stage] = unet
-            pipe = DuoDiffusion(pc, pipe.components() | {stage: unet.cpu()})
-        else:  # image_controlnet
-            from monai.networks.utils import copy_model_state
-
-            latents = self._latents(pipe, "image")
-            controlnet = pipe.image_controlnet
-            if before is None and not (resume and (self.out / "checkpoints" / run_name).is_dir()):
-                monai_log = logging.getLogger("monai.networks.utils")  # logs "'dst' model updated: ..." at INFO
-                level = monai_log.level
-                monai_log.setLevel(logging.WARNING)
-                try:
-                    copy_model_state(controlnet, pipe.image_unet.state_dict())
-                finally:
-                    monai_log.setLevel(level)
-            one_hot = F.one_hot(data.labels[:, 0].long(), pc.num_classes).movedim(-1, 1).float()
-            model = ControlledUNet(pipe.image_unet, controlnet)
-            loss = diffusion_loss(latents, pc.schedule_of("image"), one_hot=one_hot)
-            trained, finished = run_stage(run_name, model, loss, scfg, use_ema=True, **common)
-            self.trained[stage] = trained.controlnet
-            pipe = DuoDiffusion(pc, pipe.components() | {stage: trained.controlnet.cpu()})
-            pipe.image_unet.requires_grad_(True)
-        info.update(finished=finished, steps=scfg.steps if finished else stop_after,
+        kind = make_stage(stage)
+        result = kind.train(job)
+        self.trained[stage] = result.trained
+        info = dict(result.info)
+        info.update(finished=result.finished, steps=scfg.steps if result.finished else stop_after,
                     seconds=round(time.perf_counter() - t0, 1))
         if before is not None:
             info.update(finetuned_from=before, total_steps=before["steps"] + info["steps"],
                         total_seconds=round(before["seconds"] + info["seconds"], 1))
-        self._save(pipe)
+        self._save(result.pipe)
         self._mark(stage, info)
-        if finished and self.di.is_main:
-            self._previews(stage, pipe, run_name)
-        return finished
+        if result.finished and self.di.is_main:
+            write_previews(self.out, stage, run_name, result.pipe, self.device, samples=kind.samples_preview)
+        return result.finished
 
     def _finetuned_from(self, stage: str) -> dict:
         """Steps and seconds behind the weights a ``finetune`` run starts from (kept across its resumes)."""
@@ -424,79 +330,6 @@ class Trainer:
             )
         return {"steps": int(prev.get("total_steps", prev.get("steps", 0))),
                 "seconds": float(prev.get("total_seconds", prev.get("seconds", 0.0)))}
-
-    @staticmethod
-    def _ae_inputs(kind: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-        if kind == "image":
-            return images
-        return F.one_hot(labels[:, 0].long(), num_classes).movedim(-1, 1).float()
-
-    def _latents(self, pipe: DuoDiffusion, kind: str) -> torch.Tensor:
-        data = self.data
-        ae = getattr(pipe, f"{kind}_autoencoder")
-        x = self._ae_inputs(kind, data.images, data.labels, pipe.config.num_classes)
-        scale = getattr(pipe.config, f"{kind}_scale_factor")
-        return encode_latents(ae, x, device=self.device) * scale
-
-    @torch.inference_mode()
-    def _validate_autoencoder(self, kind: str, pipe: DuoDiffusion) -> dict:
-        """Reconstruction of the validation cases (:mod:`duodiff.metrics.autoencoder`): image PSNR / SSIM / L1,
-        label per-class Dice."""
-        from ..metrics import image_reconstruction, label_reconstruction
-
-        data = self.data
-        if len(data.val_names) == 0:
-            return {}
-        ae = getattr(pipe, f"{kind}_autoencoder").to(self.device).eval()
-        if kind == "image":
-            r = image_reconstruction(ae, data.val_images.to(self.device))
-            return {"val_psnr_db": r["psnr_db"]["mean"], "val_ssim": r["ssim"]["mean"], "val_l1": r["l1"]["mean"]}
-        r = label_reconstruction(ae, data.val_labels.long().to(self.device), num_classes=pipe.config.num_classes,
-                                 label_names=pipe.config.label_names or None)
-        return {"val_dice": r["dice"]}
-
-    def _previews(self, stage: str, pipe: DuoDiffusion, run_name: str) -> None:
-        try:
-            from ..preview import plot_pairs
-        except ImportError:  # pragma: no cover
-            return
-        out = self.out / "previews" / f"{stage}.png"
-        try:
-            _plot_curve(self.out / "logs" / f"{run_name}.csv", self.out / "logs" / f"{run_name}.png")
-            if stage == "image_controlnet":
-                s = pipe.to(self.device).sample(4, seed=0, num_inference_steps=25, progress=False)
-                plot_pairs([i[0].numpy() for i in s.images], [lab[0].numpy() for lab in s.labels], out,
-                           titles=[f"seed {x}" for x in s.seeds], num_classes=pipe.config.num_classes,
-                           label_names=pipe.config.label_names or None)
-        except ImportError:  # matplotlib missing: previews are optional
-            logger.info("matplotlib not installed; skipping previews")
-
-
-def _plot_curve(csv_file: Path, png: Path) -> None:
-    import csv
-
-    from ..optional import require_matplotlib
-
-    if not csv_file.is_file():
-        return
-    plt = require_matplotlib()
-    with open(csv_file) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    steps = [int(r["step"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for key in rows[0]:
-        if key in ("step", "lr", "seconds", "skipped_steps"):
-            continue
-        ax.plot(steps, [float(r[key]) for r in rows], label=key)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_title(csv_file.stem)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
 
 
 def train(
