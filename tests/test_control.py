@@ -145,7 +145,7 @@ def test_qc_oracle_passes_liar_is_retried():
 
 def test_conditioned_label_unet_trains_and_stores_stats(tmp_path):
     from duodiff.train import TrainConfig, train
-    from test_train import make_config, write_dataset
+    from tests.train.test_trainer import make_config, write_dataset
 
     data = write_dataset(tmp_path / "d", n=3)
     cfg = make_config(tmp_path, data, steps=2).to_dict()

@@ -10,10 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import DATA_ROOT, run_cli
 from duodiff.export import export_nnunet, find_cases, read_dataset_meta
 from duodiff.io import read_nifti, write_json, write_nifti
 from duodiff.testing import phantom_pair
+from tests.conftest import DATA_ROOT, run_cli
 
 LABELS = ("background", "anterior", "posterior")  # the names of conftest's tiny_pipe
 HIPPO = DATA_ROOT / "msd_hippocampus"

@@ -14,7 +14,7 @@ import torch
 from duodiff.io import spacing_affine, write_json, write_nifti
 from duodiff.testing import phantom_pair, tiny_pipeline
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _load_downstream():

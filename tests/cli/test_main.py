@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
 from duodiff.io import spacing_affine
 from duodiff.output import sample_name
+from tests.conftest import run_cli
 
 SPACING = (1.5, 0.75, 2.0)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ("sample", "info", "preview", "evaluate", "export", "convert", "train", "bench")
 BUNDLED = ("model_index.json", "README.md", "training_cases.json")
 

@@ -1,19 +1,15 @@
-"""Outputs in announced places and sampling arguments checked up front (issue 17, points 5 and 6): `duodiff
-sample` says where its preview went and refuses bad arguments before loading a model or creating --out;
-`--preview DIR` writes DIR/preview.png; `duodiff preview` creates no folders; `duodiff export nnunet --out ""`
-is an error and its dataset folder gets the umask's permissions."""
+"""`duodiff sample`: outputs in announced places and arguments checked up front (issue 17, points 5 and 6): it says
+where its preview went and refuses bad arguments before loading a model or creating --out; `--preview DIR`
+writes DIR/preview.png."""
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_cli import call_main
-from test_export import make_msd
+from tests.cli.test_main import call_main
 
 NO_MODEL = "/nonexistent/duodiff-model"  # loading it would fail: errors below come before the model loads
 
@@ -93,44 +89,6 @@ def test_sample_preview_into_existing_folder_is_announced(tiny_model_dir, tmp_pa
     assert f"wrote preview {out2 / 'preview.png'}" in err.splitlines()
 
 
-@pytest.fixture(scope="module")
-def real_dir(tmp_path_factory) -> Path:
-    return make_msd(tmp_path_factory.mktemp("real") / "Task04_Hippocampus")
-
-
-def test_preview_creates_no_folders(real_dir, tmp_path, capsys):
-    target = tmp_path / "missing" / "deeper" / "m.png"
-    code, _, err = call_main(["preview", str(real_dir), "--out", str(target)], capsys)
-    assert_error(code, err, "does not exist", "does not create folders")
-    assert not (tmp_path / "missing").exists()
-    code, _, err = call_main(["preview", str(real_dir), "--out", str(tmp_path), "--max-cases", "1"], capsys)
-    assert code == 0, err
-    assert (tmp_path / "preview.png").is_file() and str(tmp_path / "preview.png") in err
-
-
-def test_export_empty_out_is_an_error(real_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code, _, err = call_main(["export", "nnunet", "--real", str(real_dir), "--dataset-id", "7", "--name", "X",
-                              "--out", ""], capsys)
-    assert_error(code, err, "--out is empty")
-    assert list(tmp_path.iterdir()) == []
-    from duodiff.export import export_nnunet
-
-    with pytest.raises(ValueError, match="empty"):
-        export_nnunet("", dataset_id=7, name="X", real=real_dir)
-
-
-def test_export_folder_has_umask_permissions(real_dir, tmp_path, capsys):
-    old = os.umask(0o022)
-    try:
-        code, _, err = call_main(["export", "nnunet", "--real", str(real_dir), "--dataset-id", "7", "--name", "X",
-                                  "--out", str(tmp_path / "raw"), "--no-progress"], capsys)
-    finally:
-        os.umask(old)
-    assert code == 0, err
-    assert stat.S_IMODE((tmp_path / "raw" / "Dataset007_X").stat().st_mode) == 0o755
-
-
 def test_gitignore_covers_the_readme_sample_folder():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     assert "/synthetic/" in (root / ".gitignore").read_text().splitlines()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import offline_env
+from tests.conftest import offline_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_runner():

@@ -19,13 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import error_lines
 from duodiff import ConfigError, DuoDiffusion, keys, make_config
 from duodiff.cli.main import main
 from duodiff.config import ConfigTypeError
 from duodiff.hub import ModelLoadError
 from duodiff.io import read_nifti, spacing_affine, write_json, write_nifti
 from duodiff.preview import preview_folder
+from tests.conftest import error_lines
 
 WEIGHTS = "model.safetensors"
 
@@ -593,7 +593,7 @@ def test_convert_bad_checkpoints(tiny_model_dir, tmp_path, capsys):
 
 
 def test_real_subprocess_exit_code_and_one_line(tmp_path):
-    from conftest import run_cli
+    from tests.conftest import run_cli
 
     (tmp_path / "model_index.json").write_text("{")
     for name in keys.COMPONENTS:

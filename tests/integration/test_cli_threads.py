@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import error_lines, run_cli
 from duodiff.cli.main import COMMANDS
-from test_cli import call_main
-from test_cli_train_messages import write_config
-from test_evaluate import _write_folder
-from test_export import make_msd
-from test_train import write_dataset
+from tests.cli.test_main import call_main
+from tests.cli.test_train import write_config
+from tests.conftest import error_lines, run_cli
+from tests.metrics.test_evaluate import _write_folder
+from tests.test_export import make_msd
+from tests.train.test_trainer import write_dataset
 
 #: every command line that runs something (``export`` has one format so far)
 COMMAND_LINES = [["sample"], ["info"], ["preview"], ["evaluate"], ["export", "nnunet"], ["convert"], ["train"],

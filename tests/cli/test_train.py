@@ -14,8 +14,8 @@ import torch
 from duodiff.config import ConfigError
 from duodiff.train import TrainConfig
 from duodiff.train.data import BadCaseError, data_summary, foreground_loss_cases
-from test_cli import call_main
-from test_train import write_dataset
+from tests.cli.test_main import call_main
+from tests.train.test_trainer import write_dataset
 
 CROP = (8, 8, 8)  # smaller than the phantoms' foreground: about half of class 1 is cropped away
 

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import run_cli
 from duodiff.cli.main import main
 from duodiff.io import spacing_affine, write_nifti
 from duodiff.metrics import PairSet, evaluate, write_report
 from duodiff.testing import phantom_pair, tiny_pipeline
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -215,7 +215,7 @@ def test_same_items_across_runs(tiny_pipe, tmp_path: Path):
         assert other["seed"] == 102
 
 
-HIPPO = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd_hippocampus"
+HIPPO = Path(__file__).resolve().parents[3] / "shared" / "data" / "msd_hippocampus"
 
 
 @pytest.mark.data

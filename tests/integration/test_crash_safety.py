@@ -20,9 +20,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import offline_env
 from duodiff import DuoDiffusion
 from duodiff.output import sample_name
+from tests.conftest import offline_env
 
 N = 100
 STEPS = 2

@@ -1,6 +1,6 @@
 """StreamingSyntheticPairDataset and PairFolderDataset are ordinary classes; the one-class spelling still works.
 
-Seeds, workers, epochs and errors of the stream are tested in test_data_synthetic.py (through the one-class
+Seeds, workers, epochs and errors of the stream are tested in data/test_synthetic.py (through the one-class
 spelling, as users write it); this module checks the classes themselves.
 """
 

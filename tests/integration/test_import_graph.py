@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "duodiff"
+SRC = Path(__file__).resolve().parents[2] / "src" / "duodiff"
 
 
 def _modules(root: Path) -> dict[str, tuple[Path, bool]]:
