@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from duodiff import DuoDiffusion, PipelineConfig, keys, make_config
-from duodiff.cli.main import main
 from duodiff.convert import (
     convert_checkpoints,
     import_checkpoints,
@@ -241,6 +240,8 @@ _WRAPPERS = {
     "dp": torch.nn.DataParallel,
     "compile": torch.compile,  # an OptimizedModule: keys get "_orig_mod."; nothing compiles until it is called
 }
+
+
 #: innermost wrapper first: ("ddp", "compile") is torch.compile(DDP(net)), keys "_orig_mod.module.*"
 _WRAPPER_COMBOS = [
     ("ddp",), ("dp",), ("compile",),
@@ -410,31 +411,6 @@ def test_read_pipeline_config_errors(tmp_path, tiny_model_dir):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_pipeline_config(bad)
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def _cli_args(paths: dict[str, Path], config: Path, out: Path) -> list[str]:
-    args = ["convert", "--config", str(config), "--out", str(out)]
-    for name, p in paths.items():
-        args += [f"--{name.replace('_', '-')}", str(p)]
-    return args
-
-
-def test_cli_convert(tmp_path, capsys):
-    config = parity_config()
-    olds, paths = save_old(config, tmp_path / "old")
-    cfg_file = tmp_path / "config.json"
-    cfg_file.write_text(__import__("json").dumps(config.to_dict()))
-    assert main(_cli_args(paths, cfg_file, tmp_path / "model")) == 0
-    out = capsys.readouterr()
-    assert "image_controlnet: monai-generative format, include_fc=False" in out.out
-    pipe = DuoDiffusion.from_pretrained(tmp_path / "model")
-    assert compare("image_controlnet", olds["image_controlnet"], pipe.image_controlnet, config) <= TOL
-    # a second run into the same folder refuses (exit 2, one line) unless --overwrite
-    assert main(_cli_args(paths, cfg_file, tmp_path / "model")) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not empty" in err[0] and "--overwrite" in err[0]
-    assert main([*_cli_args(paths, cfg_file, tmp_path / "model"), "--overwrite"]) == 0
 
 
 def test_nan_weights_are_refused(tiny_pipe, tmp_path):

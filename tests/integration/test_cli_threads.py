@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from duodiff.cli.main import COMMANDS
+from tests.cli.test_evaluate import _write_folder
 from tests.cli.test_main import call_main
 from tests.cli.test_train import write_config
 from tests.conftest import error_lines, run_cli
-from tests.metrics.test_evaluate import _write_folder
 from tests.test_export import make_msd
 from tests.train.test_trainer import write_dataset
 
