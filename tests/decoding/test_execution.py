@@ -1,44 +1,12 @@
-"""Memory-bounded VAE decoding: exact strategies, the memory cap, and tiled-vs-whole tolerance."""
+"""Memory-bounded VAE decoding: exact strategies, the memory cap, clear memory errors, the recorded decode path."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from duodiff.decoding import (
-    check_tile_size,
-    decode,
-    estimate_decode_bytes,
-    parse_tile_size,
-    peak_tensor_bytes,
-    resolve_tile_size,
-    seam_report,
-)
-from duodiff.testing import tiny_pipeline
-
-# Documented in docs/performance.md ("Tiled decoding"): default overlap (0.25) and halo (4), a 16^3
-# latent cut in two along the last axis (tile (16, 16, 8)), randomly initialised tiny preset.
-# Measured: image mean |diff| 0.008, label agreement 0.991; without the halo 0.058 and 0.919, so
-# these bounds catch a broken halo. (Tiles along all three axes, (8, 8, 8): 0.018 and 0.981.)
-IMAGE_MEAN_ABS_TOL = 0.03  # intensities in [0, 1]
-LABEL_AGREEMENT_TOL = 0.95  # fraction of voxels with the same class
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline(volume_shape=(32, 32, 32))
-
-
-@pytest.fixture(scope="module")
-def latents():
-    """Two latents of the tiny autoencoders (factor 2): decoded volumes are 24^3."""
-    return torch.randn(2, 3, 12, 12, 12, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def big_latent():
-    """One 16^3 latent (32^3 volume): room for tiles with a halo inside the volume."""
-    return torch.randn(1, 3, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+from duodiff.decoding import decode, estimate_decode_bytes, peak_tensor_bytes, resolve_tile_size, seam_report
+from tests.decoding.test_seams import IMAGE_MEAN_ABS_TOL, LABEL_AGREEMENT_TOL
 
 
 def test_tile_covering_the_latent_is_the_whole_decode(pipe, latents):
@@ -48,19 +16,6 @@ def test_tile_covering_the_latent_is_the_whole_decode(pipe, latents):
         covering = decode(ae, latents, tile_size=64)  # clipped to the latent: whole volumes
     assert whole.dtype == torch.float32 and tuple(whole.shape) == (2, 1, 24, 24, 24)
     assert torch.equal(whole, covering)
-
-
-def test_auto_without_a_budget_on_cpu_decodes_whole_volumes(pipe, latents):
-    assert resolve_tile_size(pipe.image_autoencoder, latents.shape, "auto").tile is None
-
-
-def test_estimate_matches_measured_peak(pipe):
-    ae = pipe.image_autoencoder
-    z = torch.randn(1, 3, 12, 12, 12)
-    with torch.inference_mode():
-        measured = peak_tensor_bytes(lambda: ae.decode(z))
-        estimated = estimate_decode_bytes(ae, (12, 12, 12))
-    assert abs(estimated - measured) / measured < 0.15
 
 
 @pytest.mark.parametrize("num, fraction", [(2, 0.7), (1, 0.5)])
@@ -90,39 +45,9 @@ def test_sub_batches_are_exact_and_tiles_only_when_needed(pipe, latents):
     assert plan.tile is not None and all(t <= 12 for t in plan.tile)
 
 
-def test_tiled_image_decode_matches_whole_within_tolerance(pipe, big_latent):
-    rep = seam_report(pipe.image_autoencoder, big_latent, tile_size=(16, 16, 8), kind="image")
-    assert rep.tile_size == (16, 16, 8) and rep.overlap == 0.25 and rep.halo == 4
-    assert 0 < rep.mean_abs_diff <= IMAGE_MEAN_ABS_TOL, rep
-    assert rep.psnr_db is not None and rep.psnr_db > 25
-    assert rep.label_agreement is None
-
-
-def test_tiled_label_decode_matches_whole_within_tolerance(pipe, big_latent):
-    rep = seam_report(pipe.label_autoencoder, big_latent, tile_size=(16, 16, 8), kind="label")
-    assert rep.label_agreement is not None and rep.label_agreement >= LABEL_AGREEMENT_TOL, rep
-
-
 def test_budget_too_small_raises_memory_error(pipe, latents):
     with pytest.raises(MemoryError, match="Cannot decode within"), torch.inference_mode():
         decode(pipe.image_autoencoder, latents, tile_size="auto", max_memory=1000)
-
-
-@pytest.mark.parametrize("bad", ["big", 0, -2, (4, 4), (4, 4, 0), 2.5, True])
-def test_bad_tile_sizes_are_rejected(bad):
-    with pytest.raises(ValueError, match="decode_tile_size"):
-        check_tile_size(bad)
-
-
-@pytest.mark.parametrize("text, expected", [("auto", "auto"), ("None", None), ("24", 24), ("24,24,16", (24, 24, 16))])
-def test_parse_tile_size(text, expected):
-    assert parse_tile_size(text) == expected
-
-
-@pytest.mark.parametrize("text", ["big", "0", "4,4", "4,x,4", ""])
-def test_parse_tile_size_rejects(text):
-    with pytest.raises(ValueError, match="tile[_ ]size"):
-        parse_tile_size(text)
 
 
 def test_bad_overlap_halo_and_kind_are_rejected(pipe, latents):
@@ -184,12 +109,6 @@ def test_default_decode_does_not_depend_on_free_memory(pipe, monkeypatch):
     assert (busy.labels == whole.labels).float().mean() > 0.999
 
 
-def test_auto_plan_depends_only_on_model_and_input(pipe, latents):
-    for n in (1, 2, 7):
-        plan = resolve_tile_size(pipe.image_autoencoder, (n, *latents.shape[1:]), "auto")
-        assert plan.tile is None and plan.volumes_per_call == 1 and plan.describe() == "whole"
-
-
 def test_decode_path_is_recorded_in_the_sample_and_the_saved_headers(pipe, tmp_path):
     import nibabel as nib
 
@@ -217,10 +136,3 @@ def test_whole_volume_out_of_memory_is_a_clear_memory_error(pipe, latents, monke
     # the pipeline does not fall back to tiles (or retry smaller batches) behind the user's back
     with pytest.raises(DecodeMemoryError):
         pipe.sample(2, seed=0, num_inference_steps=2, progress=False)
-
-
-def test_explicit_budget_still_plans(pipe, latents):
-    """Opting in to a budget (e.g. ``max_memory=available_memory(device)``) keeps the planned strategies."""
-    per_volume = estimate_decode_bytes(pipe.image_autoencoder, latents.shape[2:])
-    plan = resolve_tile_size(pipe.image_autoencoder, latents.shape, "auto", max_memory=per_volume // 2)
-    assert plan.tile is not None and plan.describe().startswith("tiled ")
