@@ -5,7 +5,7 @@
 #   bash scripts/docs_check.sh --list          # list the marked blocks, run nothing
 #   bash scripts/docs_check.sh docs/index.md   # only the blocks of these files (README.md's first block still
 #                                              # builds the environment unless --no-install)
-#   pytest -m docs                             # the same, as the test tests/test_docs_check.py (slow, deselected
+#   pytest -m docs                             # the same, as the test tests/integration/test_docs_check.py (slow, deselected
 #                                              # by the default `bash scripts/test.sh`)
 #
 # Marker convention: an HTML comment (invisible on GitHub) on the line right before a fenced ```bash / ```sh /

@@ -1,4 +1,4 @@
-"""nnU-Net v2 export: layout, dataset.json, real cases kept byte for byte, synthetic from folder or model, CLI."""
+"""nnU-Net v2 export: layout, dataset.json, real cases kept byte for byte, synthetic from folder or model."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import DATA_ROOT, run_cli
 from duodiff.export import export_nnunet, find_cases, read_dataset_meta
 from duodiff.io import read_nifti, write_json, write_nifti
 from duodiff.testing import phantom_pair
+from tests.conftest import DATA_ROOT
 
 LABELS = ("background", "anterior", "posterior")  # the names of conftest's tiny_pipe
+
+
 HIPPO = DATA_ROOT / "msd_hippocampus"
 
 
@@ -170,19 +172,6 @@ def test_find_cases_and_meta(real_dir, sample_dir):
     assert cases[0].images[0].name.endswith("_0000.nii.gz")
     assert read_dataset_meta(real_dir) == (LABELS, ("MRI",))
     assert read_dataset_meta(sample_dir) == (LABELS, ("MRI",))
-
-
-def test_cli_export_nnunet(real_dir, tiny_model_dir, tmp_path):
-    args = ["export", "nnunet", "--real", str(real_dir), "--synthetic", str(tiny_model_dir), "-n", "2",
-            "--dataset-id", "501", "--name", "HippoSynth", "--out", str(tmp_path), "--steps", "2", "--no-progress"]
-    r = run_cli(args)
-    assert r.returncode == 0, r.stderr
-    assert "3 real + 2 synthetic" in r.stderr and "nnUNetv2_plan_and_preprocess -d 501" in r.stderr
-    check_nnunet_layout(tmp_path / "Dataset501_HippoSynth", [f"hippo_{i:03d}" for i in range(3)]
-                        + ["duodiff_s0000000000", "duodiff_s0000000001"])
-    again = run_cli(args)
-    assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
-    assert len(again.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.data

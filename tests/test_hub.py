@@ -14,10 +14,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import duodiff.hub
-from conftest import fill_hf_cache, make_tiny, offline_env, run_python
 from duodiff import ConfigError, DuoDiffusion
 from duodiff.hub import ModelLoadError, model_card
 from duodiff.keys import COMPONENTS
+from tests.conftest import fill_hf_cache, make_tiny, offline_env, run_python
 
 STEPS = 2
 

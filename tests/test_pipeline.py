@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny
 from duodiff import DuoDiffusion, DuoSample
 from duodiff.io import spacing_affine
+from tests.conftest import make_tiny
 
 STEPS = 2
 
@@ -247,7 +247,7 @@ def test_compile_keeps_results_and_weights(tmp_path):
 
 def test_to_takes_a_dtype_first_like_diffusers():
     """``pipe.to(torch.bfloat16)`` / ``pipe.to("float32")`` cast without moving (diffusers' spelling)."""
-    from conftest import make_tiny
+    from tests.conftest import make_tiny
 
     pipe = make_tiny(3)
     assert pipe.to(torch.bfloat16) is pipe and pipe.dtype == torch.bfloat16 and pipe.device.type == "cpu"

@@ -143,7 +143,7 @@ def drawn(monkeypatch):
 
 
 def test_preview_legend_uses_the_dataset_json_names(sample_dir, tmp_path, drawn, capsys):
-    from test_cli import call_main
+    from tests.cli.test_main import call_main
 
     code, _, err = call_main(["preview", str(sample_dir), "--out", str(tmp_path / "p.png")], capsys)
     assert code == 0, err
@@ -153,7 +153,7 @@ def test_preview_legend_uses_the_dataset_json_names(sample_dir, tmp_path, drawn,
 
 
 def test_sample_preview_legend_names_the_models_classes(tiny_model_dir, tmp_path, drawn, capsys):
-    from test_cli import call_main
+    from tests.cli.test_main import call_main
 
     out = tmp_path / "s"
     code, _, err = call_main(["sample", "-m", str(tiny_model_dir), "-n", "1", "--steps", "2", "--out", str(out),

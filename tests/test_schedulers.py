@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny
 from duodiff.sampling import denoise, initial_noise, stage_generators
 from duodiff.schedulers import DIFFUSERS_SAMPLERS, make_scheduler
+from tests.conftest import make_tiny
 
 STEPS = 3
 # batched convolutions round differently from single-sample ones: images agree to ~1e-6 (see test_sampling.py)

@@ -182,7 +182,7 @@ def synthetic_count_for_real(fraction: float, num_real: int) -> int:
 
     ``n = round_half_up(fraction * num_real / (1 - fraction))``, the whole count nearest the exact share. It
     always satisfies ``n == synthetic_count(fraction, num_real + n)``: the merged batch holds exactly the
-    synthetic count the rule gives for its size (``tests/test_data_schedule.py`` pins this).
+    synthetic count the rule gives for its size (``tests/data/test_schedule.py`` pins this).
 
     Example:
         >>> n = synthetic_count_for_real(0.25, 3)

@@ -1,0 +1,85 @@
+"""The small report helpers in benchmarks/: quality comparison table and bootstrap intervals."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _report(dv: float, present: float, order: bool) -> dict:
+    return {"volume": {"A": {"relative_difference": dv, "within_20pct": abs(dv) <= 0.2},
+                       "B": {"relative_difference": -0.05, "within_20pct": True}},
+            "all_classes_present": {"synthetic": present},
+            "mean_intensity": {"real": {"A": 0.4, "B": 0.3}, "synthetic": {"A": 0.41, "B": 0.35},
+                               "same_order": order}}
+
+
+def test_compare_quality_table_rows_say_met_or_not():
+    cq = _load("compare_quality")
+    text = cq.table({"before": _report(0.1, 1.0, True), "after": _report(0.3, 0.5, False)})
+    lines = text.strip().splitlines()
+    assert len(lines) == 4 and "real 0.400 / 0.300" in lines[0]
+    assert lines[2].startswith("| before | +10.0 % / -5.0 % (met) | 100 % | 0.410 / 0.350 | met |")
+    assert lines[3].startswith("| after | +30.0 % / -5.0 % (NOT met) | 50 % |") and lines[3].endswith("not met |")
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_data():
+    bq = _load("bundled_quality")
+    rng = np.random.default_rng(0)
+    small = bq.bootstrap_mean_ci(rng.normal(1.0, 1.0, 20))
+    large = bq.bootstrap_mean_ci(rng.normal(1.0, 1.0, 2000))
+    for r in (small, large):
+        assert r["ci95"][0] < r["mean"] < r["ci95"][1]
+    assert large["ci95"][1] - large["ci95"][0] < 0.3 * (small["ci95"][1] - small["ci95"][0])
+    assert 0.9 < large["mean"] < 1.1 and large["ci95"][0] > 0.9
+    assert bq.bootstrap_mean_ci(np.array([]))["n"] == 0
+    assert bq.bootstrap_mean_ci(np.arange(10.0)) == bq.bootstrap_mean_ci(np.arange(10.0))  # seeded
+
+
+def _sweep_row(sampler: str, steps: int, seconds: float, diff: float, cons: float, fid: float) -> dict:
+    return {"sampler": sampler, "steps": steps, "seconds_per_pair": seconds, "label_median_rel_diff": [diff, diff / 2],
+            "label_median_max_rel_diff": diff, "label_agreement": 0.99, "consistency": cons, "fid": fid}
+
+
+def test_sweep_equal_quality_rule_and_report():
+    bs = _load("bench_sampling")
+    ref = _sweep_row("ddim", 50, 3.0, 0.0, 0.60, 10.0)
+    assert bs.equal_quality(_sweep_row("dpmsolver++", 10, 0.7, 0.04, 0.59, 10.9), ref)
+    assert not bs.equal_quality(_sweep_row("dpmsolver++", 5, 0.4, 0.06, 0.60, 10.0), ref)  # label medians 6 % off
+    assert not bs.equal_quality(_sweep_row("unipc", 5, 0.4, 0.01, 0.57, 10.0), ref)  # consistency 0.03 lower
+    assert not bs.equal_quality(_sweep_row("unipc", 5, 0.4, 0.01, 0.60, 11.5), ref)  # FID 15 % higher
+    rows = [_sweep_row("dpmsolver++", 10, 0.7, 0.04, 0.59, 10.9), _sweep_row("unipc", 5, 0.4, 0.01, 0.57, 10.0)]
+    for r in rows:
+        r["equal_quality"] = bs.equal_quality(r, ref)
+    sweep = {"dtype": "bfloat16", "num_samples": 32, "batch": 8, "segmenter": "docs/results/evaluate",
+             "reference_sampler": "ddim-50", "equal_quality": bs.EQUAL_QUALITY, "fid_reference": "real",
+             "reference": {**ref, "steps": 50}, "rows": rows,
+             "fastest_equal_quality": {"sampler": "dpmsolver++", "steps": 10, "seconds_per_pair": 0.7,
+                                       "speedup_vs_reference": 3.0 / 0.7}}
+    text = "\n".join(bs.markdown_sweep(sweep, ["background", "A", "B"]))
+    assert "| dpmsolver++ | 10 | 0.70 | 4.0%, 2.0% |" in text and "| unipc | 5 | 0.40 |" in text
+    assert "**dpmsolver++-10**, 0.70 s/pair, 4.3x the reference" in text
+
+
+def test_dtype_table_report_names_auto_and_its_ratio():
+    bs = _load("bench_sampling")
+    stages = {"label_denoise_s": 1.0, "label_decode_s": 0.1, "image_denoise_s": 2.0, "image_decode_s": 0.1}
+    t = {"steps": 50, "repeats": 2, "auto_dtype": "bfloat16", "auto_first_use_s": 3.2, "best_fixed": "bfloat16",
+         "auto_vs_best_fixed": 1.02,
+         "rows": [{"dtype": "float32", "resolved": "float32", **stages, "latency_s": 3.2},
+                  {"dtype": "auto", "resolved": "bfloat16", **stages, "latency_s": 3.1}]}
+    text = "\n".join(bs.markdown_dtype_table(t))
+    assert "chose **bfloat16**" in text and "**1.02x**" in text and "| auto (bfloat16) | 1.000 |" in text
