@@ -70,8 +70,7 @@ def import_checkpoints(
         config = read_pipeline_config(config)
     if not isinstance(checkpoints, Mapping):
         raise TypeError(f"checkpoints must map component names to .pt paths, got {type(checkpoints).__name__}.")
-    missing = [k for k in keys.COMPONENTS if k not in checkpoints]
-    unknown = sorted(set(checkpoints) - set(keys.COMPONENTS))
+    missing, unknown = keys.component_mismatch(checkpoints)
     if missing or unknown:
         raise ValueError(
             f"checkpoints needs one .pt file for each of {list(keys.COMPONENTS)}; missing {missing}, unknown {unknown}."
