@@ -5,7 +5,10 @@ Using constants (as MONAI does) keeps the keys spelled the same everywhere.
 
 from __future__ import annotations
 
-__all__ = ["IMAGE", "LABEL", "IS_SYNTHETIC", "SEED", "COMPONENTS", "MODEL_INDEX", "CONFIG_NAME", "SCHEDULER"]
+from collections.abc import Iterable
+
+__all__ = ["IMAGE", "LABEL", "IS_SYNTHETIC", "SEED", "COMPONENTS", "MODEL_INDEX", "CONFIG_NAME", "SCHEDULER",
+           "component_mismatch"]
 
 IMAGE = "image"
 LABEL = "label"
@@ -18,3 +21,10 @@ COMPONENTS = ("label_autoencoder", "label_unet", "image_autoencoder", "image_une
 SCHEDULER = "scheduler"
 MODEL_INDEX = "model_index.json"
 CONFIG_NAME = "config.json"
+
+
+def component_mismatch(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """How ``names`` differ from :data:`COMPONENTS`: ``(missing, unknown)``, the components it lacks (in sampling
+    order) and the names that are no component (sorted); both empty when ``names`` has exactly the five."""
+    names = set(names)
+    return [k for k in COMPONENTS if k not in names], sorted(names - set(COMPONENTS))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+from typing import Any
+
 from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
 from torch import nn
 
@@ -10,52 +13,30 @@ from .config import AutoencoderConfig, ControlNetConfig, PipelineConfig, UNetCon
 __all__ = ["build_autoencoder", "build_unet", "build_controlnet", "build_component", "count_parameters"]
 
 
+def _monai_kwargs(cfg: AutoencoderConfig | UNetConfig, *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``cfg``'s fields as keyword arguments of the 3D MONAI network it describes.
+
+    The config fields are named as MONAI's arguments, so this is the one field-to-argument mapping; a field
+    MONAI does not take is a ``TypeError`` at build time, not silently dropped. ``exclude`` names fields the
+    network has no argument for (a ControlNet has no ``out_channels``).
+    """
+    return {"spatial_dims": 3, **{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in exclude}}
+
+
 def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
     """A 3D :class:`monai.networks.nets.AutoencoderKL` from ``cfg``."""
-    return AutoencoderKL(
-        spatial_dims=3,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        channels=cfg.channels,
-        num_res_blocks=cfg.num_res_blocks,
-        attention_levels=cfg.attention_levels,
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=cfg.norm_num_groups,
-        with_encoder_nonlocal_attn=cfg.with_encoder_nonlocal_attn,
-        with_decoder_nonlocal_attn=cfg.with_decoder_nonlocal_attn,
-        use_checkpoint=cfg.use_checkpoint,
-        include_fc=cfg.include_fc,
-    )
-
-
-def _unet_kwargs(cfg: UNetConfig) -> dict:
-    return dict(
-        spatial_dims=3,
-        in_channels=cfg.in_channels,
-        channels=cfg.channels,
-        num_res_blocks=cfg.num_res_blocks,
-        attention_levels=cfg.attention_levels,
-        norm_num_groups=cfg.norm_num_groups,
-        num_head_channels=cfg.num_head_channels,
-        resblock_updown=cfg.resblock_updown,
-        with_conditioning=cfg.with_conditioning,
-        cross_attention_dim=cfg.cross_attention_dim,
-        include_fc=cfg.include_fc,
-    )
+    return AutoencoderKL(**_monai_kwargs(cfg))
 
 
 def build_unet(cfg: UNetConfig) -> DiffusionModelUNet:
     """A 3D :class:`monai.networks.nets.DiffusionModelUNet` from ``cfg``."""
-    return DiffusionModelUNet(out_channels=cfg.out_channels, **_unet_kwargs(cfg))
+    return DiffusionModelUNet(**_monai_kwargs(cfg))
 
 
 def build_controlnet(cfg: ControlNetConfig) -> ControlNet:
-    """A 3D :class:`monai.networks.nets.ControlNet` from ``cfg``."""
-    return ControlNet(
-        conditioning_embedding_in_channels=cfg.conditioning_embedding_in_channels,
-        conditioning_embedding_num_channels=cfg.conditioning_embedding_num_channels,
-        **_unet_kwargs(cfg),
-    )
+    """A 3D :class:`monai.networks.nets.ControlNet` from ``cfg`` (the image UNet's fields and the conditioning
+    embedding's)."""
+    return ControlNet(**_monai_kwargs(cfg, exclude=("out_channels",)))
 
 
 def build_component(name: str, config: PipelineConfig) -> nn.Module:

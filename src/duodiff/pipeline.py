@@ -49,8 +49,7 @@ class DuoDiffusion(HubMixin):
     def __init__(self, config: PipelineConfig, components: Mapping[str, nn.Module]) -> None:
         if not isinstance(config, PipelineConfig):
             raise TypeError(f"config must be a PipelineConfig, got {type(config).__name__}.")
-        missing = [k for k in keys.COMPONENTS if k not in components]
-        extra = sorted(set(components) - set(keys.COMPONENTS))
+        missing, extra = keys.component_mismatch(components)
         if missing or extra:
             raise ValueError(
                 f"DuoDiffusion needs exactly the components {list(keys.COMPONENTS)}; missing {missing}, "

@@ -14,14 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .config import (
-    AutoencoderConfig,
-    ConfigError,
-    ControlNetConfig,
-    PipelineConfig,
-    SchedulerConfig,
-    UNetConfig,
-)
+from .config import AutoencoderConfig, ConfigError, ControlNetConfig, PipelineConfig, SchedulerConfig, UNetConfig
 
 __all__ = ["PRESETS", "OVERRIDABLE", "DERIVED_KEYS", "IMAGE_PREDICTION_TYPES", "image_prediction_type_of",
            "make_config"]

@@ -35,6 +35,7 @@ __all__ = [
     "ModelLoadError",
     "weights_name",
     "json_dump",
+    "read_json",
     "read_config",
     "load_state_dict_strict",
     "load_state_strict",
@@ -67,6 +68,15 @@ def json_dump(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
+def read_json(path: Path) -> Any:
+    """The JSON value of the config file ``path``; a :class:`ConfigError` naming the file when it is not valid JSON
+    (or not UTF-8 text)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{str(path)!r} is not valid JSON: {e}") from e
+
+
 def read_config(folder: Path) -> PipelineConfig:
     """Read and validate the :class:`PipelineConfig` stored in a model folder."""
     index_file = folder / keys.MODEL_INDEX
@@ -75,10 +85,7 @@ def read_config(folder: Path) -> PipelineConfig:
             f"No {keys.MODEL_INDEX!r} in {str(folder)!r}. Pass a folder written by DuoDiffusion.save_pretrained() "
             "or a Hub repo id such as 'org/duodiff-hippocampus'."
         )
-    try:
-        index = json.loads(index_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{str(index_file)!r} is not valid JSON: {e}") from e
+    index = read_json(index_file)
     if not isinstance(index, dict) or index.get("_class_name") != PIPELINE_CLASS_NAME:
         raise ConfigError(f"{str(index_file)!r} does not describe a DuoDiffusion pipeline (_class_name missing).")
     data = dict(index.get("pipeline", {}))
@@ -89,16 +96,10 @@ def read_config(folder: Path) -> PipelineConfig:
                 f"Missing component folder or config {str(cfile)!r}. A DuoDiffusion folder needs "
                 f"{list(keys.COMPONENTS)}; save the model again."
             )
-        try:
-            data[name] = json.loads(cfile.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{str(cfile)!r} is not valid JSON: {e}") from e
+        data[name] = read_json(cfile)
     sfile = folder / keys.SCHEDULER / SCHEDULER_CONFIG
     if sfile.is_file():
-        try:
-            data[keys.SCHEDULER] = json.loads(sfile.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{str(sfile)!r} is not valid JSON: {e}") from e
+        data[keys.SCHEDULER] = read_json(sfile)
     return PipelineConfig.from_dict(data)
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["add_model_argument", "add_threads_argument", "check_device", "compute_note", "load_model", "model_name",
-           "positive_int", "say"]
+__all__ = ["DTYPE_CHOICES", "add_generation_arguments", "add_model_argument", "add_threads_argument", "check_device",
+           "compute_note", "load_model", "model_name", "positive_int", "say"]
+
+#: ``--dtype`` choices of the commands that generate pairs (``auto``: :func:`duodiff.precision.choose_dtype`).
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+_SCHEDULER_HELP = "sampler (default ddim; dpmsolver++ and unipc need pip install \"duodiff[samplers]\")"
 
 
 def positive_int(text: str) -> int:
@@ -24,6 +28,22 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="torch intra-op CPU threads for this command (default: OMP_NUM_THREADS if set, else the "
                         "cores other processes leave free: all on an idle machine, 1 beside another CPU-bound job)")
+
+
+def add_generation_arguments(p: argparse.ArgumentParser, *, batch_size: int, device: str | None, dtype: str | None,
+                             device_help: str = "torch device for generation, e.g. cpu or cuda:0",
+                             dtype_help: str = "autocast dtype", scheduler_help: str = _SCHEDULER_HELP) -> None:
+    """``--steps``, ``--scheduler``, ``--batch-size``, ``--device`` and ``--dtype``: the :meth:`DuoDiffusion.sample`
+    options of a command that generates pairs, spelt and checked the same in ``sample``, ``evaluate`` and
+    ``export``. Each command gives its own defaults (``evaluate`` generates in float32, ``sample`` picks a dtype)
+    and may word the help of ``--device``, ``--dtype`` and ``--scheduler`` for itself."""
+    from ..schedulers import SAMPLERS
+
+    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps per stage (default 50)")
+    p.add_argument("--scheduler", default="ddim", choices=SAMPLERS, help=scheduler_help)
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--device", default=device, help=device_help)
+    p.add_argument("--dtype", default=dtype, choices=list(DTYPE_CHOICES), help=dtype_help)
 
 
 def say(message: str, enabled: bool = True) -> None:
@@ -87,10 +107,13 @@ def add_model_argument(p: argparse.ArgumentParser, *, positional: bool = False) 
     p.add_argument("--variant", default=None, choices=["fp16"], help="load model.fp16.safetensors weights")
 
 
-def load_model(args: argparse.Namespace, *, device: str | None = None):
+def load_model(args: argparse.Namespace, *, device: str | None = None, announce: bool = False):
+    """The model ``--model`` / ``--revision`` / ``--variant`` name (the bundled one by default), on ``device``;
+    with ``announce``, first a :func:`say` line naming it."""
     from ..bundled import BUNDLED_VARIANT, bundled_model_path
     from ..pipeline import DuoDiffusion
 
+    say(f"loading model from {model_name(args)} ...", announce)
     if args.model is None:
         variant = args.variant or BUNDLED_VARIANT
         return DuoDiffusion.from_pretrained(bundled_model_path(), variant=variant, device=device)

@@ -8,20 +8,18 @@ import argparse
 import sys
 
 from .common import (
+    add_generation_arguments,
     add_model_argument,
     add_threads_argument,
     check_device,
     compute_note,
     load_model,
-    model_name,
     positive_int,
     say,
 )
 
 
 def add_parser(sub) -> None:
-    from ..schedulers import SAMPLERS
-
     p = sub.add_parser(
         "evaluate", help="score synthetic pairs against real ones and write a report",
         description="Generate N pairs (or read --synthetic), compare them with real pairs from an MSD / nnU-Net "
@@ -40,14 +38,8 @@ def add_parser(sub) -> None:
                    help="evaluate this folder of existing pairs instead of generating (no --model needed)")
     p.add_argument("--normalize-synthetic", action="store_true",
                    help="percentile-normalise --synthetic images like the real ones (when they are not in [0, 1])")
-    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps per stage (default 50)")
     p.add_argument("--seed", type=int, default=0, help="first sample seed; also seeds the segmenter (default 0)")
-    p.add_argument("--scheduler", default="ddim", choices=SAMPLERS,
-                   help="sampler (default ddim; dpmsolver++ and unipc need pip install \"duodiff[samplers]\")")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--device", default="cpu", help="torch device for generation, e.g. cpu or cuda:0")
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype for generation")
+    add_generation_arguments(p, batch_size=8, device="cpu", dtype="float32", dtype_help="autocast dtype for generation")
     p.add_argument("--segmenter", default=None, metavar="DIR",
                    help="load a segmenter saved by an earlier run (DIR with segmenter.safetensors) instead of "
                         "training one")
@@ -98,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
     # 1. model (not needed when an existing synthetic folder is evaluated without --model)
     pipe = None
     if args.synthetic is None or args.model is not None:
-        say(f"loading model from {model_name(args)} ...", progress)
-        pipe = load_model(args, device=args.device)
+        pipe = load_model(args, device=args.device, announce=progress)
         setup["model"] = str(args.model) if args.model is not None else "bundled"
 
     # 2. real pairs on the model's grid (read first so that a bad folder fails before generation)

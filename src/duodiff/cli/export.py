@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_threads_argument, check_device, compute_note, positive_int, say
+from .common import add_generation_arguments, add_threads_argument, check_device, compute_note, positive_int, say
 
 
 def _names(text: str) -> list[str]:
@@ -16,8 +16,6 @@ def _names(text: str) -> list[str]:
 
 
 def add_parser(sub) -> None:
-    from ..schedulers import SAMPLERS
-
     p = sub.add_parser("export", help="export pairs for other tools (nnU-Net)",
                        description="Export real and synthetic pairs in another tool's dataset format.")
     formats = p.add_subparsers(dest="format", metavar="FORMAT")
@@ -41,12 +39,7 @@ def add_parser(sub) -> None:
     n.add_argument("--channel-names", type=_names, default=None, metavar="A,B",
                    help="image channel names (default: from dataset.json, else MRI)")
     n.add_argument("--seed", type=int, default=0, help="first seed when generating (default 0)")
-    n.add_argument("--steps", type=positive_int, default=50, help="denoising steps per stage (default 50)")
-    n.add_argument("--scheduler", default="ddim", choices=SAMPLERS,
-                   help="sampler (default ddim; dpmsolver++ and unipc need pip install \"duodiff[samplers]\")")
-    n.add_argument("--batch-size", type=positive_int, default=4)
-    n.add_argument("--device", default=None, help="torch device for generation, e.g. cpu or cuda:0")
-    n.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"], help="autocast dtype")
+    add_generation_arguments(n, batch_size=4, device=None, dtype=None)
     n.add_argument("--prefix", default="duodiff", help="synthetic case-name prefix (default duodiff)")
     n.add_argument("--overwrite", action="store_true", help="replace an existing DatasetXXX_NAME folder")
     n.add_argument("--no-progress", action="store_true", help="hide progress bars and the lines announcing each phase")

@@ -7,36 +7,31 @@ import sys
 import warnings
 
 from .common import (
+    add_generation_arguments,
     add_model_argument,
     add_threads_argument,
     check_device,
     compute_note,
     load_model,
-    model_name,
     positive_int,
     say,
 )
 
 
 def add_parser(sub) -> None:
-    from ..schedulers import SAMPLERS
-
     p = sub.add_parser("sample", help="generate synthetic (image, label) NIfTI pairs",
                        description="Generate synthetic pairs into OUT/imagesTr and OUT/labelsTr.")
     add_model_argument(p)
     p.add_argument("-n", "--num-samples", type=positive_int, default=4, help="number of pairs (default 4)")
     p.add_argument("--out", "-o", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i (default 0)")
-    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps per stage (default 50)")
-    p.add_argument("--scheduler", default="ddim", choices=SAMPLERS,
-                   help="sampler (default ddim); dpmsolver++ and unipc are few-step solvers (10-20 steps) that need "
-                        "diffusers: pip install \"duodiff[samplers]\"")
-    p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype (default auto: the fastest dtype whose output matches float32 within 5%%, "
-                        "timed on first use of the model on this machine and cached; bfloat16 alone was 1.1x faster "
-                        "than float32 on a 2-core Xeon, 1.8x on an AMD EPYC; docs/performance.md)")
+    add_generation_arguments(
+        p, batch_size=4, device="cpu", dtype="auto", device_help="torch device, e.g. cpu or cuda:0",
+        dtype_help="autocast dtype (default auto: the fastest dtype whose output matches float32 within 5%%, timed on "
+                   "first use of the model on this machine and cached; bfloat16 alone was 1.1x faster than float32 "
+                   "on a 2-core Xeon, 1.8x on an AMD EPYC; docs/performance.md)",
+        scheduler_help="sampler (default ddim); dpmsolver++ and unipc are few-step solvers (10-20 steps) that need "
+                       "diffusers: pip install \"duodiff[samplers]\"")
     p.add_argument("--prefix", default="duodiff", help="case-name prefix (default duodiff)")
     p.add_argument("--resume", action="store_true",
                    help="skip seeds whose label file already exists in OUT (after an interrupted run)")
@@ -93,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         seeds = [s for s in seeds if not (out / "labelsTr" / f"{sample_name(s, args.prefix)}.nii.gz").exists()]
     announce = dist.is_main and not args.no_progress
-    say(f"loading model from {model_name(args)} ...", announce)
-    pipe = load_model(args, device=dist.device(args.device))
+    pipe = load_model(args, device=dist.device(args.device), announce=announce)
     with warnings.catch_warnings():  # refuse impossible volumes before writing anything; sample() warns
         warnings.simplefilter("ignore")
         pipe.check_class_volumes(class_volumes)

@@ -6,7 +6,6 @@ What ``duodiff convert`` runs: read the :class:`~duodiff.PipelineConfig`, import
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,8 +13,8 @@ from pathlib import Path
 import torch
 
 from .. import keys
-from ..config import ConfigError, PipelineConfig
-from ..serialization import ModelLoadError
+from ..config import PipelineConfig
+from ..serialization import ModelLoadError, read_json
 from .monai_generative import ComponentImport, import_component
 from .state_dicts import load_checkpoint
 
@@ -39,10 +38,7 @@ def read_pipeline_config(path: str | os.PathLike) -> PipelineConfig:
             f"No pipeline config at {str(path)!r}. Pass a JSON file holding PipelineConfig.to_dict() (e.g. from "
             "duodiff.make_config(...).to_dict()) or a duodiff model folder."
         )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{str(path)!r} is not valid JSON: {e}") from e
+    data = read_json(path)
     return PipelineConfig.from_dict(data)
 
 
@@ -70,8 +66,7 @@ def import_checkpoints(
         config = read_pipeline_config(config)
     if not isinstance(checkpoints, Mapping):
         raise TypeError(f"checkpoints must map component names to .pt paths, got {type(checkpoints).__name__}.")
-    missing = [k for k in keys.COMPONENTS if k not in checkpoints]
-    unknown = sorted(set(checkpoints) - set(keys.COMPONENTS))
+    missing, unknown = keys.component_mismatch(checkpoints)
     if missing or unknown:
         raise ValueError(
             f"checkpoints needs one .pt file for each of {list(keys.COMPONENTS)}; missing {missing}, unknown {unknown}."

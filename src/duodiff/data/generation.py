@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..pipeline import DuoDiffusion
 
 __all__ = ["PairGenerator", "GeneratorBacked", "SAMPLE_KWARGS", "as_item", "check_index", "check_device_usable",
-           "model_fingerprint"]
+           "check_seed", "check_transform", "model_fingerprint"]
 
 #: The ``DuoDiffusion.sample`` options a dataset may pass to every generation call (``sample_kwargs``).
 SAMPLE_KWARGS = ("class_volumes", "guidance_scale", "volume_tolerance", "qc", "qc_threshold", "max_retries",
@@ -69,6 +69,19 @@ def check_index(index: Any, length: int) -> int:
     if not 0 <= i < length:
         raise IndexError(f"index {int(index)} is out of range for a dataset of {length} pairs.")
     return i
+
+
+def check_seed(seed: Any) -> int:
+    """A dataset's first ``seed`` as an int; ``ValueError`` unless it is an int >= 0 (a bool is no seed)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
+    return int(seed)
+
+
+def check_transform(transform: Any) -> None:
+    """A dataset's ``transform`` must be ``None`` or callable (``TypeError`` otherwise)."""
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform must be callable (e.g. a monai.transforms.Compose), got {transform!r}.")
 
 
 class PairGenerator:

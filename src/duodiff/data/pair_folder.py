@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .generation import as_item, check_index
+from .generation import as_item, check_index, check_transform
 from .layout import Case, find_cases
 from .reading import read_case
 
@@ -48,8 +48,7 @@ class PairFolderDataset(Dataset):
     """
 
     def __init__(self, folder: str | os.PathLike, *, transform: Callable[[dict[str, Any]], Any] | None = None) -> None:
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be callable (e.g. a monai.transforms.Compose), got {transform!r}.")
+        check_transform(transform)
         self._cases = find_cases(folder)
         self.folder = Path(folder)
         self.transform = transform

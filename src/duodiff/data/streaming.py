@@ -6,13 +6,12 @@ import itertools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..distributed import group_rank
 from ..threads import GENERATION_THREADS
-from .generation import GeneratorBacked, PairGenerator, check_device_usable
+from .generation import GeneratorBacked, PairGenerator, check_device_usable, check_seed, check_transform
 from .pool import GenerationPool
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,10 +104,8 @@ class StreamingSyntheticPairDataset(GeneratorBacked, IterableDataset):
         sample_kwargs: dict[str, Any] | None = None,
         num_threads: int | None = GENERATION_THREADS,
     ) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be callable (e.g. a monai.transforms.Compose), got {transform!r}.")
+        seed = check_seed(seed)
+        check_transform(transform)
         for name, value in (("pool_size", pool_size), ("generation_batch_size", generation_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
@@ -116,7 +113,7 @@ class StreamingSyntheticPairDataset(GeneratorBacked, IterableDataset):
         self.generator = PairGenerator(pipe, num_inference_steps=num_inference_steps, scheduler=scheduler,
                                        dtype=dtype, conditioning_scale=conditioning_scale,
                                        sample_kwargs=sample_kwargs, num_threads=num_threads)
-        self.seed = int(seed)
+        self.seed = seed
         self.transform = transform
         self.pool_size = pool_size
         self.generation_batch_size = generation_batch_size

@@ -15,13 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .. import keys
 from ..threads import GENERATION_THREADS
-from .generation import GeneratorBacked, PairGenerator, as_item, check_index
+from .generation import GeneratorBacked, PairGenerator, as_item, check_index, check_seed, check_transform
 from .pair_folder import PairFolderDataset
 from .streaming import EPOCH_SEED_STRIDE, StreamingSyntheticPairDataset, stream_position
 
@@ -132,15 +131,13 @@ class SyntheticPairDataset(GeneratorBacked, Dataset, metaclass=abc.ABCMeta):
             raise ValueError(
                 f"num_samples must be a positive int (map-style) or None (endless stream), got {num_samples!r}."
             )
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be callable (e.g. a monai.transforms.Compose), got {transform!r}.")
+        seed = check_seed(seed)
+        check_transform(transform)
         self.generator = PairGenerator(pipe, num_inference_steps=num_inference_steps, scheduler=scheduler,
                                        dtype=dtype, conditioning_scale=conditioning_scale,
                                        sample_kwargs=sample_kwargs, num_threads=num_threads)
         self.num_samples = num_samples
-        self.seed = int(seed)
+        self.seed = seed
         self.transform = transform
         self.cache_dir: Path | None = None
         if cache_dir is not None:
