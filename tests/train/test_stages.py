@@ -20,3 +20,32 @@ def test_random_patches_crop_every_tensor_alike_and_reproducibly():
     again, _ = random_patches((x, y), (4, 4, 8), torch.Generator().manual_seed(0))
     assert torch.equal(a, again)
     assert random_patches((x,), None, torch.Generator())[0] is x
+
+
+def test_autoencoder_loss_picks_the_side_once_and_rejects_an_unknown_kind():
+    """kind is resolved when the loss is built: the label loss is cross-entropy + Dice + KL of the one-hot labels,
+    the image loss L1 + KL, and a kind that is neither is a ValueError naming it."""
+    import pytest
+    import torch.nn.functional as F
+    from monai.networks.nets import AutoencoderKL
+
+    from duodiff.train.loop import StepContext
+    from duodiff.train.stages import AutoencoderStep, autoencoder_loss
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(spatial_dims=3, in_channels=3, out_channels=3, channels=(8, 8), num_res_blocks=(1, 1),
+                       attention_levels=(False, False), latent_channels=2, norm_num_groups=4)
+    labels = torch.randint(0, 3, (2, 1, 8, 8, 8), dtype=torch.uint8)
+    kw = dict(num_classes=3, latent_shape=(2, 4, 4, 4), kl_weight=0.0, dice_weight=0.0, downsample_factor=2)
+    ctx = StepContext(step=0, indices=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(1),
+                      device=torch.device("cpu"))
+    loss, logs = autoencoder_loss(None, labels, kind="label", **kw)(AutoencoderStep(ae), ctx)
+    assert set(logs) == {"ce", "dice", "kl"}
+    g = torch.Generator().manual_seed(1)  # the same noise, by hand
+    eps = torch.randn((2, 2, 4, 4, 4), generator=g)
+    x = F.one_hot(labels[:, 0].long(), 3).movedim(-1, 1).float()
+    with torch.no_grad():
+        recon, _, _ = AutoencoderStep(ae)(x, eps)
+    assert loss.item() == pytest.approx(F.cross_entropy(recon, labels[:, 0].long()).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="'mask'"):
+        autoencoder_loss(None, labels, kind="mask", **kw)

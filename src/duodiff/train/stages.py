@@ -18,7 +18,8 @@ from ..sampling import model_output
 from ..schedulers import make_scheduler
 from .loop import StepContext
 
-__all__ = ["random_patches", "AutoencoderStep", "ControlledUNet", "autoencoder_loss", "diffusion_loss", "kl_loss",
+__all__ = ["random_patches", "AutoencoderStep", "ControlledUNet", "autoencoder_loss", "label_autoencoder_loss",
+           "image_autoencoder_loss", "diffusion_loss", "kl_loss",
            "encode_latents"]
 
 
@@ -108,46 +109,91 @@ def autoencoder_loss(
     downsample_factor: int = 1,
     scale_equivariance_weight: float = 0.0,
 ):
-    """Loss function for an autoencoder stage.
+    """Loss function for an autoencoder stage: :func:`label_autoencoder_loss` or :func:`image_autoencoder_loss`,
+    chosen once here (the returned function never looks at ``kind``).
 
     Args:
         images: float32 ``(N, C, H, W, D)`` in [0, 1] (image stage).
         labels: uint8 ``(N, 1, H, W, D)`` (label stage).
         kind: ``"label"`` or ``"image"``.
-        ssim_weight: image stage: weight of ``1 - SSIM`` (MONAI ``SSIMLoss``, 3D Gaussian window 11, sigma 1.5,
-            data range 1) on the clamped reconstruction, added to L1; favours local structure over L1's blur.
+        ssim_weight, scale_equivariance_weight: image stage only (see :func:`image_autoencoder_loss`).
+        dice_weight, num_classes: label stage only (see :func:`label_autoencoder_loss`).
         patch_size: train on one random crop of this size per sample (:func:`random_patches`); ``None`` = whole
             volumes. Sides must be multiples of ``downsample_factor`` (the autoencoder's).
         latent_shape: ``(C, h, w, d)`` of a whole volume's latent (the patch latent is derived from it).
-        scale_equivariance_weight: image stage: weight of an L1 term asking the decoder to turn the 2x
-            average-pooled latent into the 2x average-pooled image (scale-equivariance regularisation,
-            Skorokhodov et al. 2025, "Improving the Diffusability of Autoencoders", arXiv:2502.14831). It removes
-            the high-frequency, checkerboard-like components a weakly regularised latent drifts into, which a
-            diffusion model cannot predict and samples as noise. Needs patch / volume sides divisible by
-            ``2 * downsample_factor``.
+
+    Raises:
+        ValueError: ``kind`` is neither ``"label"`` nor ``"image"``.
     """
     if patch_size is not None:
         patch_size = tuple(int(p) for p in patch_size)
         latent_shape = (latent_shape[0], *(p // downsample_factor for p in patch_size))
+    if kind == "label":
+        return label_autoencoder_loss(labels, num_classes=num_classes, latent_shape=latent_shape,
+                                      kl_weight=kl_weight, dice_weight=dice_weight, patch_size=patch_size)
+    if kind == "image":
+        return image_autoencoder_loss(images, latent_shape=latent_shape, kl_weight=kl_weight, ssim_weight=ssim_weight,
+                                      patch_size=patch_size, scale_equivariance_weight=scale_equivariance_weight)
+    raise ValueError(f"kind must be 'label' or 'image', got {kind!r}.")
+
+
+def _posterior_noise(ctx: StepContext, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    """The reparameterisation noise ``(B, C, h, w, d)`` of one step, from the step's generator."""
+    return torch.randn((len(ctx.indices), *latent_shape), generator=ctx.generator).to(ctx.device)
+
+
+def label_autoencoder_loss(labels: torch.Tensor, *, num_classes: int, latent_shape: tuple[int, ...],
+                           kl_weight: float, dice_weight: float, patch_size: tuple[int, ...] | None = None):
+    """Label autoencoder loss: cross-entropy + ``dice_weight`` x Dice (MONAI ``DiceLoss``, softmax, background
+    excluded) of the reconstructed logits against the one-hot label, + ``kl_weight`` x KL.
+
+    Args:
+        labels: uint8 ``(N, 1, H, W, D)`` class ids.
+        latent_shape: ``(C, h, w, d)`` of one (patch) latent.
+        patch_size: one random crop per sample, or ``None`` for whole volumes.
+    """
     dice = DiceLoss(softmax=True, include_background=False)
+
+    def loss_fn(model: nn.Module, ctx: StepContext):
+        eps = _posterior_noise(ctx, latent_shape)
+        (lab,) = random_patches((labels[ctx.indices],), patch_size, ctx.generator)
+        lab = lab.to(ctx.device).long()
+        x = F.one_hot(lab[:, 0], num_classes).movedim(-1, 1).float()
+        recon, mu, sigma = model(x, eps)
+        recon = recon.float()
+        ce = F.cross_entropy(recon, lab[:, 0])
+        dl = dice(recon, x)
+        kl = kl_loss(mu, sigma)
+        return ce + dice_weight * dl + kl_weight * kl, {"ce": ce.item(), "dice": dl.item(), "kl": kl.item()}
+
+    return loss_fn
+
+
+def image_autoencoder_loss(images: torch.Tensor, *, latent_shape: tuple[int, ...], kl_weight: float,
+                           ssim_weight: float = 0.0, patch_size: tuple[int, ...] | None = None,
+                           scale_equivariance_weight: float = 0.0):
+    """Image autoencoder loss: L1 + ``kl_weight`` x KL, optionally + SSIM and scale-equivariance terms.
+
+    Args:
+        images: float32 ``(N, C, H, W, D)`` in [0, 1].
+        latent_shape: ``(C, h, w, d)`` of one (patch) latent.
+        ssim_weight: weight of ``1 - SSIM`` (MONAI ``SSIMLoss``, 3D Gaussian window 11, sigma 1.5, data range 1) on
+            the clamped reconstruction, added to L1; favours local structure over L1's blur.
+        patch_size: one random crop per sample, or ``None`` for whole volumes.
+        scale_equivariance_weight: weight of an L1 term asking the decoder to turn the 2x average-pooled latent
+            into the 2x average-pooled image (scale-equivariance regularisation, Skorokhodov et al. 2025,
+            "Improving the Diffusability of Autoencoders", arXiv:2502.14831). It removes the high-frequency,
+            checkerboard-like components a weakly regularised latent drifts into, which a diffusion model cannot
+            predict and samples as noise. Needs patch / volume sides divisible by ``2 * downsample_factor``.
+    """
     ssim = None
-    if kind == "image" and ssim_weight > 0:
+    if ssim_weight > 0:
         from monai.losses import SSIMLoss
 
         ssim = SSIMLoss(spatial_dims=3, data_range=1.0)
 
     def loss_fn(model: nn.Module, ctx: StepContext):
-        eps = torch.randn((len(ctx.indices), *latent_shape), generator=ctx.generator).to(ctx.device)
-        if kind == "label":
-            (lab,) = random_patches((labels[ctx.indices],), patch_size, ctx.generator)
-            lab = lab.to(ctx.device).long()
-            x = F.one_hot(lab[:, 0], num_classes).movedim(-1, 1).float()
-            recon, mu, sigma = model(x, eps)
-            recon = recon.float()
-            ce = F.cross_entropy(recon, lab[:, 0])
-            dl = dice(recon, x)
-            kl = kl_loss(mu, sigma)
-            return ce + dice_weight * dl + kl_weight * kl, {"ce": ce.item(), "dice": dl.item(), "kl": kl.item()}
+        eps = _posterior_noise(ctx, latent_shape)
         (x,) = random_patches((images[ctx.indices],), patch_size, ctx.generator)
         x = x.to(ctx.device)
         if scale_equivariance_weight > 0:
