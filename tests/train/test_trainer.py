@@ -475,8 +475,9 @@ def test_scale_equivariance_needs_patches_divisible_by_twice_the_downsampling(tm
 
 
 def test_decoder_only_finetune_keeps_the_latent(tmp_path, dataset):
-    """decoder_only = true with --finetune trains the decoder and leaves the encoder (the latent the UNets learned,
-    and its scale factor) exactly as it was; without --finetune it is refused."""
+    """decoder_only = true with --finetune trains the decoder (here with latent noise augmentation) and leaves the
+    encoder (the latent the UNets learned, and its scale factor) exactly as it was; without --finetune it is
+    refused, and latent_noise_std without decoder_only too."""
     from safetensors.torch import load_file
 
     toml = tmp_path / "train.toml"
@@ -503,7 +504,11 @@ def test_decoder_only_finetune_keeps_the_latent(tmp_path, dataset):
     meta = json.loads(index.read_text())
     meta["pipeline"]["image_scale_factor"] = scale = 0.123
     index.write_text(json.dumps(meta))
-    toml.write_text(toml.read_text() + "decoder_only = true\n")
+    text = toml.read_text()
+    toml.write_text(text + "latent_noise_std = 0.1\n")
+    with pytest.raises(ValueError, match=r"latent_noise_std = 0.1 .*decoder_only = true"):
+        train(load_train_config(toml), stages=["image_autoencoder"], finetune=True)
+    toml.write_text(text + "decoder_only = true\nlatent_noise_std = 0.1\n")
     with pytest.raises(ValueError, match=r"decoder_only fine-tunes the decoder.*--finetune"):
         train(load_train_config(toml), stages=["image_autoencoder"])
     train(load_train_config(toml), stages=["image_autoencoder"], finetune=True)

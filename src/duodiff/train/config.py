@@ -183,6 +183,11 @@ class StageConfig(_Config):
             ``decoder``); the encoder — and so the latent the diffusion models were trained on, and the scale
             factor — stays fixed. Sharper decoding for a model whose UNets are already trained (how Stability AI's
             ``sd-vae-ft-mse`` decoder was fine-tuned).
+        latent_noise_std: autoencoder stages, with ``decoder_only``: decoder noise augmentation — each sample's
+            latent gets Gaussian noise of a level drawn from ``U(0, latent_noise_std)`` in scaled-latent units (the
+            diffusion model's, where real latents have std ~1) before decoding, so the decoder learns to turn a
+            diffusion model's slightly-off latents into clean images (0 = off; see
+            :func:`duodiff.train.stages.latent_noise_augmentation`).
         patch_size: autoencoder stages: train on one random ``(H, W, D)`` crop per sample (sides multiples of the
             autoencoder's downsampling) instead of whole volumes; empty = whole volumes. Cheaper steps, the same
             whole-volume reconstruction (autoencoders are convolutional).
@@ -208,6 +213,7 @@ class StageConfig(_Config):
     ssim_weight: float = 0.0
     scale_equivariance_weight: float = 0.0
     decoder_only: bool = False
+    latent_noise_std: float = 0.0
     patch_size: tuple[int, ...] = ()
     adv_weight: float = 0.0
     checkpoint_every: int = 500
@@ -228,7 +234,7 @@ class StageConfig(_Config):
         if self.patch_size and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
             raise ConfigError(f"{self._name}.patch_size must be 3 positive sides (H, W, D) or empty, got "
                               f"{self.patch_size}.")
-        for name in ("ssim_weight", "scale_equivariance_weight"):
+        for name in ("ssim_weight", "scale_equivariance_weight", "latent_noise_std"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{self._name}.{name} must be >= 0, got {getattr(self, name)}.")
         if self.adv_weight != 0:

@@ -122,7 +122,15 @@ class AutoencoderStage:
         loss = autoencoder_loss(data.images, data.labels, kind=self.side, num_classes=pc.num_classes,
                                 latent_shape=latent, kl_weight=scfg.kl_weight, dice_weight=scfg.dice_weight,
                                 ssim_weight=scfg.ssim_weight, patch_size=patch,
-                                downsample_factor=ae_cfg.downsample_factor, scale_equivariance_weight=se_weight)
+                                downsample_factor=ae_cfg.downsample_factor, scale_equivariance_weight=se_weight,
+                                latent_noise_std=scfg.latent_noise_std,
+                                scale_factor=float(getattr(pc, f"{self.side}_scale_factor")))
+        if scfg.latent_noise_std > 0 and not scfg.decoder_only:
+            raise ConfigError(
+                f"[stages.{job.stage}].latent_noise_std = {scfg.latent_noise_std} makes the decoder robust to the "
+                f"errors of a trained diffusion model's latents, measured in that latent's scale: use it in a "
+                f"decoder-only fine-tune (decoder_only = true, with --finetune), or set latent_noise_std = 0."
+            )
         if scfg.decoder_only:
             if job.finetune_from is None:
                 raise ConfigError(

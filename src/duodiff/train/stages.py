@@ -34,12 +34,17 @@ class AutoencoderStep(nn.Module):
         super().__init__()
         self.autoencoder = autoencoder
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor, downsampled: bool = False
-                ) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, downsampled: bool = False,
+                latent_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """``(recon, mu, sigma)``; with ``downsampled=True`` also the decoding of the 2x average-pooled latent
-        (``(N, C, H/2, W/2, D/2)``, for :func:`autoencoder_loss`'s scale-equivariance term)."""
+        (``(N, C, H/2, W/2, D/2)``, for :func:`autoencoder_loss`'s scale-equivariance term).
+
+        ``latent_noise`` (the shape of ``eps``, unscaled latent units) is added to the sampled latent before
+        decoding (:func:`latent_noise_augmentation`)."""
         mu, sigma = self.autoencoder.encode(x)
         z = mu + sigma * eps.to(mu.dtype)
+        if latent_noise is not None:
+            z = z + latent_noise.to(z.dtype)
         out = (self.autoencoder.decode(z), mu, sigma)
         if downsampled:
             out = (*out, self.autoencoder.decode(F.avg_pool3d(z, 2)))
@@ -108,6 +113,8 @@ def autoencoder_loss(
     patch_size: tuple[int, int, int] | None = None,
     downsample_factor: int = 1,
     scale_equivariance_weight: float = 0.0,
+    latent_noise_std: float = 0.0,
+    scale_factor: float = 1.0,
 ):
     """Loss function for an autoencoder stage: :func:`label_autoencoder_loss` or :func:`image_autoencoder_loss`,
     chosen once here (the returned function never looks at ``kind``).
@@ -121,6 +128,7 @@ def autoencoder_loss(
         patch_size: train on one random crop of this size per sample (:func:`random_patches`); ``None`` = whole
             volumes. Sides must be multiples of ``downsample_factor`` (the autoencoder's).
         latent_shape: ``(C, h, w, d)`` of a whole volume's latent (the patch latent is derived from it).
+        latent_noise_std, scale_factor: decoder noise augmentation, both stages (:func:`latent_noise_augmentation`).
 
     Raises:
         ValueError: ``kind`` is neither ``"label"`` nor ``"image"``.
@@ -130,10 +138,12 @@ def autoencoder_loss(
         latent_shape = (latent_shape[0], *(p // downsample_factor for p in patch_size))
     if kind == "label":
         return label_autoencoder_loss(labels, num_classes=num_classes, latent_shape=latent_shape,
-                                      kl_weight=kl_weight, dice_weight=dice_weight, patch_size=patch_size)
+                                      kl_weight=kl_weight, dice_weight=dice_weight, patch_size=patch_size,
+                                      latent_noise_std=latent_noise_std, scale_factor=scale_factor)
     if kind == "image":
         return image_autoencoder_loss(images, latent_shape=latent_shape, kl_weight=kl_weight, ssim_weight=ssim_weight,
-                                      patch_size=patch_size, scale_equivariance_weight=scale_equivariance_weight)
+                                      patch_size=patch_size, scale_equivariance_weight=scale_equivariance_weight,
+                                      latent_noise_std=latent_noise_std, scale_factor=scale_factor)
     raise ValueError(f"kind must be 'label' or 'image', got {kind!r}.")
 
 
@@ -142,8 +152,29 @@ def _posterior_noise(ctx: StepContext, latent_shape: tuple[int, ...]) -> torch.T
     return torch.randn((len(ctx.indices), *latent_shape), generator=ctx.generator).to(ctx.device)
 
 
+def latent_noise_augmentation(ctx: StepContext, latent_shape: tuple[int, ...], latent_noise_std: float,
+                              scale_factor: float) -> torch.Tensor | None:
+    """Gaussian noise ``(B, C, h, w, d)`` (unscaled latent units) to add to the latent before decoding, or ``None``
+    when ``latent_noise_std`` is 0.
+
+    Each sample gets its own noise level ``s ~ U(0, latent_noise_std)`` in the *scaled* latent units the diffusion
+    model works in (real latents have std ~1 there), i.e. ``s / scale_factor`` in the decoder's units. A decoder
+    trained so learns to map slightly-off latents to clean images instead of amplifying the residual errors of a
+    diffusion model's samples into high-frequency texture. This is noise conditioning augmentation (Ho et al. 2022,
+    "Cascaded Diffusion Models for High Fidelity Image Generation", JMLR 23) applied to the decoder of a latent
+    diffusion model; meant for decoder-only fine-tunes (``decoder_only = true``), where the latent and its scale
+    factor are fixed. Draws from the step's generator (reproducible, resumable).
+    """
+    if latent_noise_std <= 0:
+        return None
+    b = len(ctx.indices)
+    level = torch.rand((b, *([1] * len(latent_shape))), generator=ctx.generator) * (latent_noise_std / scale_factor)
+    return (level * torch.randn((b, *latent_shape), generator=ctx.generator)).to(ctx.device)
+
+
 def label_autoencoder_loss(labels: torch.Tensor, *, num_classes: int, latent_shape: tuple[int, ...],
-                           kl_weight: float, dice_weight: float, patch_size: tuple[int, ...] | None = None):
+                           kl_weight: float, dice_weight: float, patch_size: tuple[int, ...] | None = None,
+                           latent_noise_std: float = 0.0, scale_factor: float = 1.0):
     """Label autoencoder loss: cross-entropy + ``dice_weight`` x Dice (MONAI ``DiceLoss``, softmax, background
     excluded) of the reconstructed logits against the one-hot label, + ``kl_weight`` x KL.
 
@@ -151,6 +182,7 @@ def label_autoencoder_loss(labels: torch.Tensor, *, num_classes: int, latent_sha
         labels: uint8 ``(N, 1, H, W, D)`` class ids.
         latent_shape: ``(C, h, w, d)`` of one (patch) latent.
         patch_size: one random crop per sample, or ``None`` for whole volumes.
+        latent_noise_std, scale_factor: decoder noise augmentation (:func:`latent_noise_augmentation`; 0 = off).
     """
     dice = DiceLoss(softmax=True, include_background=False)
 
@@ -159,7 +191,8 @@ def label_autoencoder_loss(labels: torch.Tensor, *, num_classes: int, latent_sha
         (lab,) = random_patches((labels[ctx.indices],), patch_size, ctx.generator)
         lab = lab.to(ctx.device).long()
         x = F.one_hot(lab[:, 0], num_classes).movedim(-1, 1).float()
-        recon, mu, sigma = model(x, eps)
+        noise = latent_noise_augmentation(ctx, latent_shape, latent_noise_std, scale_factor)
+        recon, mu, sigma = model(x, eps, False, noise)
         recon = recon.float()
         ce = F.cross_entropy(recon, lab[:, 0])
         dl = dice(recon, x)
@@ -171,7 +204,8 @@ def label_autoencoder_loss(labels: torch.Tensor, *, num_classes: int, latent_sha
 
 def image_autoencoder_loss(images: torch.Tensor, *, latent_shape: tuple[int, ...], kl_weight: float,
                            ssim_weight: float = 0.0, patch_size: tuple[int, ...] | None = None,
-                           scale_equivariance_weight: float = 0.0):
+                           scale_equivariance_weight: float = 0.0, latent_noise_std: float = 0.0,
+                           scale_factor: float = 1.0):
     """Image autoencoder loss: L1 + ``kl_weight`` x KL, optionally + SSIM and scale-equivariance terms.
 
     Args:
@@ -185,6 +219,7 @@ def image_autoencoder_loss(images: torch.Tensor, *, latent_shape: tuple[int, ...
             "Improving the Diffusability of Autoencoders", arXiv:2502.14831). It removes the high-frequency,
             checkerboard-like components a weakly regularised latent drifts into, which a diffusion model cannot
             predict and samples as noise. Needs patch / volume sides divisible by ``2 * downsample_factor``.
+        latent_noise_std, scale_factor: decoder noise augmentation (:func:`latent_noise_augmentation`; 0 = off).
     """
     ssim = None
     if ssim_weight > 0:
@@ -196,10 +231,11 @@ def image_autoencoder_loss(images: torch.Tensor, *, latent_shape: tuple[int, ...
         eps = _posterior_noise(ctx, latent_shape)
         (x,) = random_patches((images[ctx.indices],), patch_size, ctx.generator)
         x = x.to(ctx.device)
+        noise = latent_noise_augmentation(ctx, latent_shape, latent_noise_std, scale_factor)
         if scale_equivariance_weight > 0:
-            recon, mu, sigma, recon_down = model(x, eps, True)
+            recon, mu, sigma, recon_down = model(x, eps, True, noise)
         else:
-            recon, mu, sigma = model(x, eps)
+            recon, mu, sigma = model(x, eps, False, noise)
         l1 = (recon.float() - x).abs().mean()
         kl = kl_loss(mu, sigma)
         logs = {"l1": l1.item(), "kl": kl.item()}
