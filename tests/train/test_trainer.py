@@ -477,7 +477,7 @@ def test_scale_equivariance_needs_patches_divisible_by_twice_the_downsampling(tm
 def test_decoder_only_finetune_keeps_the_latent(tmp_path, dataset):
     """decoder_only = true with --finetune trains the decoder (here with latent noise augmentation) and leaves the
     encoder (the latent the UNets learned, and its scale factor) exactly as it was; without --finetune it is
-    refused, and latent_noise_std without decoder_only too."""
+    refused."""
     from safetensors.torch import load_file
 
     toml = tmp_path / "train.toml"
@@ -504,11 +504,7 @@ def test_decoder_only_finetune_keeps_the_latent(tmp_path, dataset):
     meta = json.loads(index.read_text())
     meta["pipeline"]["image_scale_factor"] = scale = 0.123
     index.write_text(json.dumps(meta))
-    text = toml.read_text()
-    toml.write_text(text + "latent_noise_std = 0.1\n")
-    with pytest.raises(ValueError, match=r"latent_noise_std = 0.1 .*decoder_only = true"):
-        train(load_train_config(toml), stages=["image_autoencoder"], finetune=True)
-    toml.write_text(text + "decoder_only = true\nlatent_noise_std = 0.1\n")
+    toml.write_text(toml.read_text() + "decoder_only = true\nlatent_noise_std = 0.1\n")
     with pytest.raises(ValueError, match=r"decoder_only fine-tunes the decoder.*--finetune"):
         train(load_train_config(toml), stages=["image_autoencoder"])
     train(load_train_config(toml), stages=["image_autoencoder"], finetune=True)
@@ -519,6 +515,53 @@ def test_decoder_only_finetune_keeps_the_latent(tmp_path, dataset):
     assert all(torch.equal(before[k], after[k]) for k in enc)
     assert any(not torch.equal(before[k], after[k]) for k in dec)
     assert DuoDiffusion.from_pretrained(tmp_path / "out" / "model").config.image_scale_factor == scale
+
+
+def test_decoder_noise_phase_trains_only_the_decoder_after_the_stage_and_resumes_exactly(tmp_path, dataset):
+    """decoder_noise_fraction > 0: after the stage's steps, round(fraction * steps) decoder-only steps with latent
+    noise, in their own checkpoints and log; the encoder equals that of the same run without the phase, the
+    decoder differs; a run stopped inside the phase and resumed ends bit-identical; no latent noise is an error."""
+    from safetensors.torch import load_file
+
+    def run(name: str, extra: str, **kw) -> dict:
+        toml = tmp_path / f"{name}.toml"
+        toml.write_text(textwrap.dedent(f"""
+            output_dir = "{name}"
+            progress = false
+            [data]
+            root = "{dataset}"
+            [model]
+            preset = "tiny"
+            volume_shape = [16, 16, 16]
+            [stages.image_autoencoder]
+            steps = 4
+            batch_size = 2
+            warmup_steps = 0
+            lr = 1e-2
+            decoder_noise_lr = 1e-2
+            scale_equivariance_weight = 0.0
+        """) + extra)
+        cfg = load_train_config(toml)
+        train(cfg, stages=["image_autoencoder"], **kw)
+        return load_file(str(tmp_path / name / "model" / "image_autoencoder" / "model.safetensors"))
+
+    plain = run("plain", "decoder_noise_fraction = 0.0\n")
+    phase = run("phase", "decoder_noise_fraction = 0.5\nlatent_noise_std = 0.5\n")
+    out = tmp_path / "phase"
+    assert (out / "checkpoints" / "image_autoencoder+decoder").is_dir()
+    assert (out / "logs" / "image_autoencoder+decoder.csv").read_text().splitlines()[-1].startswith("2,")  # 2 steps
+    assert json.loads((out / "logs" / "stages.json").read_text())["image_autoencoder"]["decoder_noise_steps"] == 2
+    enc = [k for k in plain if k.startswith(("encoder.", "quant_conv_"))]
+    dec = [k for k in plain if k.startswith(("decoder.", "post_quant_conv"))]
+    assert all(torch.equal(plain[k], phase[k]) for k in enc)
+    assert any(not torch.equal(plain[k], phase[k]) for k in dec)
+    run("stopped", "decoder_noise_fraction = 0.5\nlatent_noise_std = 0.5\n", stop_after=5)
+    stages = json.loads((tmp_path / "stopped" / "logs" / "stages.json").read_text())
+    assert stages["image_autoencoder"]["finished"] is False
+    resumed = run("stopped", "decoder_noise_fraction = 0.5\nlatent_noise_std = 0.5\n", resume=True)
+    assert all(torch.equal(phase[k], resumed[k]) for k in phase)
+    with pytest.raises(ValueError, match=r"decoder_noise_fraction = 0.5 adds a decoder-noise phase.*latent_noise_std"):
+        run("bad", "decoder_noise_fraction = 0.5\nlatent_noise_std = 0.0\n")
 
 
 def test_image_prediction_type_trains_a_v_image_side_beside_an_epsilon_label_side(dataset, tmp_path, monkeypatch):

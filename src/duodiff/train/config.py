@@ -183,11 +183,19 @@ class StageConfig(_Config):
             ``decoder``); the encoder — and so the latent the diffusion models were trained on, and the scale
             factor — stays fixed. Sharper decoding for a model whose UNets are already trained (how Stability AI's
             ``sd-vae-ft-mse`` decoder was fine-tuned).
-        latent_noise_std: autoencoder stages, with ``decoder_only``: decoder noise augmentation — each sample's
+        latent_noise_std: autoencoder stages, used only by ``decoder_only`` fine-tunes and the decoder-noise phase
+            (image autoencoder default 0.3, else 0): decoder noise augmentation — each sample's
             latent gets Gaussian noise of a level drawn from ``U(0, latent_noise_std)`` in scaled-latent units (the
             diffusion model's, where real latents have std ~1) before decoding, so the decoder learns to turn a
             diffusion model's slightly-off latents into clean images (0 = off; see
             :func:`duodiff.train.stages.latent_noise_augmentation`).
+        decoder_noise_fraction: autoencoder stages: after the stage's ``steps``, train the decoder alone for
+            ``round(decoder_noise_fraction * steps)`` more steps with latent noise augmentation (``latent_noise_std``,
+            which must then be > 0) at peak lr ``decoder_noise_lr``, with its own checkpoints and log
+            (``<stage>+decoder``); the latent and scale factor are fixed before it, so it is the decoder-only
+            fine-tune of the fidelity recipe built into the stage (0 = off; the image autoencoder's default 0.2).
+            A ``decoder_only`` fine-tune has no such phase (it applies ``latent_noise_std`` to all its steps).
+        decoder_noise_lr: peak AdamW learning rate of the decoder-noise phase.
         patch_size: autoencoder stages: train on one random ``(H, W, D)`` crop per sample (sides multiples of the
             autoencoder's downsampling) instead of whole volumes; empty = whole volumes. Cheaper steps, the same
             whole-volume reconstruction (autoencoders are convolutional).
@@ -214,12 +222,20 @@ class StageConfig(_Config):
     scale_equivariance_weight: float = 0.0
     decoder_only: bool = False
     latent_noise_std: float = 0.0
+    decoder_noise_fraction: float = 0.0
+    decoder_noise_lr: float = 2e-4
     patch_size: tuple[int, ...] = ()
     adv_weight: float = 0.0
     checkpoint_every: int = 500
     log_every: int = 10
     condition_dropout: float = 0.15
     amp: str = ""
+
+    @property
+    def decoder_noise_steps(self) -> int:
+        """Steps of the decoder-noise phase: ``round(decoder_noise_fraction * steps)``, 0 in a decoder-only
+        fine-tune."""
+        return 0 if self.decoder_only else round(self.decoder_noise_fraction * self.steps)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size"):
@@ -237,6 +253,15 @@ class StageConfig(_Config):
         for name in ("ssim_weight", "scale_equivariance_weight", "latent_noise_std"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{self._name}.{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0 <= self.decoder_noise_fraction <= 1 or self.decoder_noise_lr <= 0:
+            raise ConfigError(f"{self._name}.decoder_noise_fraction must be in [0, 1] and decoder_noise_lr > 0, got "
+                              f"{self.decoder_noise_fraction} and {self.decoder_noise_lr}.")
+        if self.decoder_noise_steps and self.latent_noise_std <= 0:
+            raise ConfigError(
+                f"{self._name}.decoder_noise_fraction = {self.decoder_noise_fraction} adds a decoder-noise phase, "
+                f"which needs latent_noise_std > 0, got {self.latent_noise_std}: set latent_noise_std (the recipe: "
+                f"0.3), or decoder_noise_fraction = 0 to train without the phase."
+            )
         if self.adv_weight != 0:
             raise ConfigError(
                 f"{self._name}.adv_weight={self.adv_weight}: the patch-adversarial loss is not implemented yet; "
@@ -253,7 +278,8 @@ class StageConfig(_Config):
 #: fidelity recipe (docs/training.md). A ``[stages.NAME]`` table replaces only the keys it sets.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "label_autoencoder": {"steps": 1000, "lr": 5e-4},
-    "image_autoencoder": {"steps": 6000, "lr": 5e-4, "scale_equivariance_weight": 0.5},
+    "image_autoencoder": {"steps": 6000, "lr": 5e-4, "scale_equivariance_weight": 0.5, "decoder_noise_fraction": 0.2,
+                          "latent_noise_std": 0.3},
     "label_unet": {"steps": 8000, "batch_size": 16, "lr": 3e-4, "warmup_steps": 100},
     "image_unet": {"steps": 3000, "batch_size": 16, "lr": 3e-4, "warmup_steps": 100},
     "image_controlnet": {"steps": 6000, "batch_size": 8, "lr": 3e-4, "warmup_steps": 100},

@@ -119,41 +119,57 @@ class AutoencoderStage:
                 f"and have sides divisible by {why}."
             )
         latent = pc.label_latent_shape if self.side == "label" else pc.image_latent_shape
-        loss = autoencoder_loss(data.images, data.labels, kind=self.side, num_classes=pc.num_classes,
-                                latent_shape=latent, kl_weight=scfg.kl_weight, dice_weight=scfg.dice_weight,
-                                ssim_weight=scfg.ssim_weight, patch_size=patch,
-                                downsample_factor=ae_cfg.downsample_factor, scale_equivariance_weight=se_weight,
-                                latent_noise_std=scfg.latent_noise_std,
-                                scale_factor=float(getattr(pc, f"{self.side}_scale_factor")))
-        if scfg.latent_noise_std > 0 and not scfg.decoder_only:
+        key = f"{self.side}_scale_factor"
+        loss_kw = dict(num_classes=pc.num_classes, latent_shape=latent, kl_weight=scfg.kl_weight,
+                       dice_weight=scfg.dice_weight, ssim_weight=scfg.ssim_weight, patch_size=patch,
+                       downsample_factor=ae_cfg.downsample_factor)
+        noise_steps = scfg.decoder_noise_steps
+        if scfg.decoder_only and job.finetune_from is None:
             raise ConfigError(
-                f"[stages.{job.stage}].latent_noise_std = {scfg.latent_noise_std} makes the decoder robust to the "
-                f"errors of a trained diffusion model's latents, measured in that latent's scale: use it in a "
-                f"decoder-only fine-tune (decoder_only = true, with --finetune), or set latent_noise_std = 0."
+                f"[stages.{job.stage}].decoder_only fine-tunes the decoder of a trained autoencoder: run it "
+                f"with --finetune after the stage has finished, or set decoder_only = false."
             )
-        if scfg.decoder_only:
-            if job.finetune_from is None:
-                raise ConfigError(
-                    f"[stages.{job.stage}].decoder_only fine-tunes the decoder of a trained autoencoder: run it "
-                    f"with --finetune after the stage has finished, or set decoder_only = false."
-                )
-            for m in (ae.encoder, ae.quant_conv_mu, ae.quant_conv_log_sigma):
-                m.requires_grad_(False)
-        try:
-            wrapper, finished = run_stage(job.run_name, AutoencoderStep(ae), loss, scfg, use_ema=False, **job.loop)
-        finally:
-            ae.requires_grad_(True)
-        ae = wrapper.autoencoder
+        noise_std = scfg.latent_noise_std if scfg.decoder_only else 0.0
+        loss = autoencoder_loss(data.images, data.labels, kind=self.side, scale_equivariance_weight=se_weight,
+                                latent_noise_std=noise_std, scale_factor=float(getattr(pc, key)), **loss_kw)
+        ae, finished = self._fit(job.run_name, ae, loss, scfg, job.loop, decoder_only=scfg.decoder_only)
         x = autoencoder_inputs(self.side, data.images, data.labels, pc.num_classes)
         z = encode_latents(ae, x, device=job.device)
-        key = f"{self.side}_scale_factor"
         # a decoder-only fine-tune keeps the latent the diffusion UNets learned, scale factor included (a
         # recomputed one can differ in the last digits, e.g. when the stage first ran under bf16 autocast)
         scale = float(getattr(pc, key)) if scfg.decoder_only else float(1.0 / z.std().clamp_min(1e-6))
+        info: dict[str, Any] = {"scale_factor": scale, "latent_std": float(z.std())}
+        if finished and noise_steps:
+            # the decoder-noise phase: the encoder (latent, scale factor) is fixed from here on, so the
+            # scale-equivariance term, which shapes the latent, is off
+            loop = dict(job.loop)
+            stop = loop.get("stop_after")
+            loop.update(ckpt_root=job.checkpoint_dir.parent / f"{job.run_name}+decoder",
+                        log_file=Path(loop["log_file"]).with_name(f"{job.run_name}+decoder.csv"),
+                        stop_after=None if stop is None else max(0, stop - scfg.steps))
+            phase = scfg.replace(steps=noise_steps, lr=scfg.decoder_noise_lr,
+                                 warmup_steps=min(scfg.warmup_steps, noise_steps // 4))
+            loss = autoencoder_loss(data.images, data.labels, kind=self.side, latent_noise_std=scfg.latent_noise_std,
+                                    scale_factor=scale, **loss_kw)
+            ae, finished = self._fit(f"{job.run_name}+decoder", ae, loss, phase, loop, decoder_only=True)
+            info["decoder_noise_steps"] = noise_steps
         pipe = DuoDiffusion(pc.replace(**{key: scale}), job.pipe.components() | {job.stage: ae.cpu()})
-        info = {"scale_factor": scale, "latent_std": float(z.std())}
         info.update(self.validate(pipe, data, job.device))
         return StageResult(pipe, ae, finished, info)
+
+    @staticmethod
+    def _fit(name: str, ae: nn.Module, loss: Any, scfg: StageConfig, loop: dict[str, Any], *,
+             decoder_only: bool) -> tuple[nn.Module, bool]:
+        """One run of the shared loop over ``ae`` (only its decoder with ``decoder_only``); the trained autoencoder
+        and whether all steps ran."""
+        if decoder_only:
+            for m in (ae.encoder, ae.quant_conv_mu, ae.quant_conv_log_sigma):
+                m.requires_grad_(False)
+        try:
+            wrapper, finished = run_stage(name, AutoencoderStep(ae), loss, scfg, use_ema=False, **loop)
+        finally:
+            ae.requires_grad_(True)
+        return wrapper.autoencoder, finished
 
     @torch.inference_mode()
     def validate(self, pipe: DuoDiffusion, data: PreparedData, device: torch.device) -> dict[str, Any]:
