@@ -142,7 +142,9 @@ def card_text(pipe: DuoDiffusion, run: Path, quality: dict | None, control_md: s
         bg = next((k for k in cells if k.startswith("background-")), None)
         ap_gap = next((k for k in cells if not k.startswith("background-")), None)
         if bg:
-            gap_text += (f" The hippocampus is less dark against its surroundings than in real scans ({bg} mean "
+            darker = g[bg]["synthetic"]["mean"] > g[bg]["real"]["mean"]
+            gap_text += (f" The hippocampus is {'darker' if darker else 'less dark'} against its surroundings than "
+                         f"in real scans ({bg} mean "
                          f"intensity gap per volume, 95 % interval: synthetic {cells[bg]['synthetic']}, real "
                          f"{cells[bg]['real']}).")
         if ap_gap:
