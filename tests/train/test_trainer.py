@@ -474,15 +474,10 @@ def test_scale_equivariance_needs_patches_divisible_by_twice_the_downsampling(tm
         train(load_train_config(toml), stages=["image_autoencoder"])
 
 
-def test_decoder_only_finetune_keeps_the_latent(tmp_path, dataset):
-    """decoder_only = true with --finetune trains the decoder (here with latent noise augmentation) and leaves the
-    encoder (the latent the UNets learned, and its scale factor) exactly as it was; without --finetune it is
-    refused."""
-    from safetensors.torch import load_file
-
-    toml = tmp_path / "train.toml"
-    toml.write_text(textwrap.dedent(f"""
-        output_dir = "out"
+def _image_autoencoder_toml(output_dir: str, dataset, *, steps: int) -> str:
+    """A tiny-preset config whose last table is ``[stages.image_autoencoder]`` (append keys to it)."""
+    return textwrap.dedent(f"""
+        output_dir = "{output_dir}"
         progress = false
         [data]
         root = "{dataset}"
@@ -490,11 +485,21 @@ def test_decoder_only_finetune_keeps_the_latent(tmp_path, dataset):
         preset = "tiny"
         volume_shape = [16, 16, 16]
         [stages.image_autoencoder]
-        steps = 2
+        steps = {steps}
         batch_size = 2
         warmup_steps = 0
         lr = 1e-2
-    """))
+    """)
+
+
+def test_decoder_only_finetune_keeps_the_latent(tmp_path, dataset):
+    """decoder_only = true with --finetune trains the decoder (here with latent noise augmentation) and leaves the
+    encoder (the latent the UNets learned, and its scale factor) exactly as it was; without --finetune it is
+    refused."""
+    from safetensors.torch import load_file
+
+    toml = tmp_path / "train.toml"
+    toml.write_text(_image_autoencoder_toml("out", dataset, steps=2))
     train(load_train_config(toml), stages=["image_autoencoder"])
     weights = tmp_path / "out" / "model" / "image_autoencoder" / "model.safetensors"
     before = load_file(str(weights))
@@ -525,22 +530,8 @@ def test_decoder_noise_phase_trains_only_the_decoder_after_the_stage_and_resumes
 
     def run(name: str, extra: str, **kw) -> dict:
         toml = tmp_path / f"{name}.toml"
-        toml.write_text(textwrap.dedent(f"""
-            output_dir = "{name}"
-            progress = false
-            [data]
-            root = "{dataset}"
-            [model]
-            preset = "tiny"
-            volume_shape = [16, 16, 16]
-            [stages.image_autoencoder]
-            steps = 4
-            batch_size = 2
-            warmup_steps = 0
-            lr = 1e-2
-            decoder_noise_lr = 1e-2
-            scale_equivariance_weight = 0.0
-        """) + extra)
+        toml.write_text(_image_autoencoder_toml(name, dataset, steps=4)
+                        + "decoder_noise_lr = 1e-2\nscale_equivariance_weight = 0.0\n" + extra)
         cfg = load_train_config(toml)
         train(cfg, stages=["image_autoencoder"], **kw)
         return load_file(str(tmp_path / name / "model" / "image_autoencoder" / "model.safetensors"))
