@@ -204,31 +204,34 @@ DDP_SCRIPT = """
 import hashlib, json, sys, torch, torch.distributed as dist
 from duodiff.train import TrainConfig, Trainer
 cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
-trainer = Trainer(cfg)
-trainer.run(["label_autoencoder"])
-# every rank hashes its own replica of the trained weights: DDP must have kept them identical
-state = trainer.trained["label_autoencoder"].state_dict()
-h = hashlib.sha256(b"".join(v.detach().float().numpy().tobytes() for v in state.values())).hexdigest()
-hs = [None] * dist.get_world_size()
-dist.all_gather_object(hs, h)
-if dist.get_rank() == 0:
-    print("HASHES", json.dumps(hs))
-dist.destroy_process_group()
+with Trainer(cfg) as trainer:  # the trainer created the process group, so leaving the block destroys it
+    trainer.run(["label_autoencoder"])
+    # every rank hashes its own replica of the trained weights: DDP must have kept them identical
+    state = trainer.trained["label_autoencoder"].state_dict()
+    h = hashlib.sha256(b"".join(v.detach().float().numpy().tobytes() for v in state.values())).hexdigest()
+    hs = [None] * dist.get_world_size()
+    dist.all_gather_object(hs, h)
+    if dist.get_rank() == 0:
+        print("HASHES", json.dumps(hs), flush=True)
+assert not dist.is_initialized()
+print("CLOSED", dist.is_initialized(), flush=True)
 """
 
 
 def test_ddp_gloo_two_processes_keep_replicas_in_sync(dataset, tmp_path):
     cfg = make_config(tmp_path, dataset, steps=3).to_dict()
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # -X faulthandler: should a rank ever abort, its Python stacks are in the failure message
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-         "--no-python", sys.executable, "-c", DDP_SCRIPT, json.dumps(cfg)],
+         "--no-python", sys.executable, "-X", "faulthandler", "-c", DDP_SCRIPT, json.dumps(cfg)],
         capture_output=True, text=True, timeout=300, env=env,
     )
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, f"stdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-6000:]}"
     line = next(x for x in r.stdout.splitlines() if x.startswith("HASHES"))
     hashes = json.loads(line.split(" ", 1)[1])
     assert len(hashes) == 2 and hashes[0] == hashes[1]
+    assert r.stdout.count("CLOSED False") == 2  # both ranks left the trainer with their process group destroyed
     assert DuoDiffusion.from_pretrained(tmp_path / "run" / "model").config.label_scale_factor != 1.0
 
 

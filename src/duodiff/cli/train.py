@@ -41,11 +41,11 @@ def run(args: argparse.Namespace) -> int:
         overrides["progress"] = False
     cfg = load_train_config(args.config, overrides)
     check_device(cfg.device, "--device" if args.device else "device (in the config)")
-    trainer = Trainer(cfg)
-    stages = ", ".join(args.stage) if args.stage else "all stages"
-    say(f"training {stages} from {args.config} into {cfg.output_dir} ({compute_note(cfg.device)}) ...",
-        trainer.is_main and cfg.progress)
-    model_dir = trainer.run(args.stage, resume=args.resume, stop_after=args.stop_after, finetune=args.finetune)
+    with Trainer(cfg) as trainer:  # destroys a process group it created (torchrun) before the interpreter exits
+        stages = ", ".join(args.stage) if args.stage else "all stages"
+        say(f"training {stages} from {args.config} into {cfg.output_dir} ({compute_note(cfg.device)}) ...",
+            trainer.is_main and cfg.progress)
+        model_dir = trainer.run(args.stage, resume=args.resume, stop_after=args.stop_after, finetune=args.finetune)
     if not trainer.is_main:
         return 0
     if trainer.stopped:

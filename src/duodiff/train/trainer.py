@@ -44,7 +44,12 @@ _DEPENDS = {
 
 
 class Trainer:
-    """Trains the stages of one run folder; see :func:`train`."""
+    """Trains the stages of one run folder; see :func:`train`.
+
+    Under ``torchrun`` it joins (or creates) the process group; use it as a context manager, or call
+    :meth:`close`, so that a group it created is destroyed before the interpreter exits (a ``gloo`` group torn
+    down during interpreter shutdown can abort the process with SIGABRT after training finished).
+    """
 
     def __init__(self, config: TrainConfig) -> None:
         self.cfg = config
@@ -63,6 +68,16 @@ class Trainer:
         self.skipped: list[str] = []
         self.completed: list[str] = []
         self.stopped: tuple[str, int, int] | None = None
+
+    def close(self) -> None:
+        """Destroy the process group if this trainer created it (a no-op for a single process)."""
+        self.di.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def is_main(self) -> bool:
@@ -359,4 +374,5 @@ def train(
     """
     if not isinstance(config, TrainConfig):
         config = load_train_config(config)
-    return Trainer(config).run(stages, resume=resume, stop_after=stop_after, finetune=finetune)
+    with Trainer(config) as trainer:
+        return trainer.run(stages, resume=resume, stop_after=stop_after, finetune=finetune)
