@@ -561,7 +561,7 @@ def test_decoder_noise_phase_trains_only_the_decoder_after_the_stage_and_resumes
 def test_image_prediction_type_trains_a_v_image_side_beside_an_epsilon_label_side(dataset, tmp_path, monkeypatch):
     """[model] image_prediction_type = "v_prediction": the image UNet and ControlNet learn v targets, the label UNet
     epsilon, and the saved model samples each side with its own schedule; an existing run folder trained with
-    another image prediction type is refused instead of silently mixing them."""
+    another image (or label) prediction type is refused instead of silently training on with the saved one."""
     import dataclasses
 
     import duodiff.train.stage_kinds as stage_kinds
@@ -584,6 +584,9 @@ def test_image_prediction_type_trains_a_v_image_side_beside_an_epsilon_label_sid
     again = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_prediction_type=""))
     with pytest.raises(ValueError, match=r"image side trained with prediction_type 'v_prediction'.*new output_dir"):
         train(again, stages=["image_unet"])
+    label_v = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match=r"label side trained with prediction_type 'epsilon'.*new output_dir"):
+        train(label_v, stages=["label_unet"])
     with pytest.raises(ValueError, match=r"image_prediction_type must be 'epsilon' or 'v_prediction'"):
         dataclasses.replace(cfg.model, image_prediction_type="sample")
 

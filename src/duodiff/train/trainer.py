@@ -156,6 +156,14 @@ class Trainer:
                     f"{m.preset!r} preset's). Set [model] image_prediction_type = {saved!r}, or train into a new "
                     "output_dir."
                 )
+            saved_label = pipe.config.schedule_of("label").prediction_type
+            if saved_label != m.prediction_type:
+                raise ConfigError(
+                    f"The model in {str(self.model_dir)!r} has a label side trained with prediction_type "
+                    f"{saved_label!r}, but [model] prediction_type is {m.prediction_type!r}; training on would "
+                    f"silently keep {saved_label!r}. Set [model] prediction_type = {saved_label!r}, or train into a "
+                    "new output_dir."
+                )
             return self._record_preprocessing(pipe)
         data = self.data
         pipe = DuoDiffusion.from_preset(
