@@ -202,19 +202,19 @@ def test_cli_train_subprocess(dataset, tmp_path):
 
 DDP_SCRIPT = """
 import hashlib, json, sys, torch, torch.distributed as dist
+from pathlib import Path
 from duodiff.train import TrainConfig, Trainer
 cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
+out = Path(sys.argv[2])  # each rank reports in its own file: two ranks printing to one pipe can interleave
 with Trainer(cfg) as trainer:  # the trainer created the process group, so leaving the block destroys it
     trainer.run(["label_autoencoder"])
+    rank = dist.get_rank()
     # every rank hashes its own replica of the trained weights: DDP must have kept them identical
     state = trainer.trained["label_autoencoder"].state_dict()
     h = hashlib.sha256(b"".join(v.detach().float().numpy().tobytes() for v in state.values())).hexdigest()
     hs = [None] * dist.get_world_size()
     dist.all_gather_object(hs, h)
-    if dist.get_rank() == 0:
-        print("HASHES", json.dumps(hs), flush=True)
-assert not dist.is_initialized()
-print("CLOSED", dist.is_initialized(), flush=True)
+(out / f"rank{rank}.json").write_text(json.dumps({"hashes": hs, "initialized_after": dist.is_initialized()}))
 """
 
 
@@ -222,16 +222,20 @@ def test_ddp_gloo_two_processes_keep_replicas_in_sync(dataset, tmp_path):
     cfg = make_config(tmp_path, dataset, steps=3).to_dict()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # -X faulthandler: should a rank ever abort, its Python stacks are in the failure message
+    reports = tmp_path / "reports"
+    reports.mkdir()
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-         "--no-python", sys.executable, "-X", "faulthandler", "-c", DDP_SCRIPT, json.dumps(cfg)],
+         "--no-python", sys.executable, "-X", "faulthandler", "-c", DDP_SCRIPT, json.dumps(cfg), str(reports)],
         capture_output=True, text=True, timeout=300, env=env,
     )
-    assert r.returncode == 0, f"stdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-6000:]}"
-    line = next(x for x in r.stdout.splitlines() if x.startswith("HASHES"))
-    hashes = json.loads(line.split(" ", 1)[1])
-    assert len(hashes) == 2 and hashes[0] == hashes[1]
-    assert r.stdout.count("CLOSED False") == 2  # both ranks left the trainer with their process group destroyed
+    said = f"stdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-6000:]}"
+    assert r.returncode == 0, said
+    ranks = [json.loads((reports / f"rank{k}.json").read_text()) for k in range(2)]
+    assert ranks[0]["hashes"] == ranks[1]["hashes"], said  # both ranks gathered the same two hashes ...
+    assert len(set(ranks[0]["hashes"])) == 1, said  # ... and the two replicas are identical
+    # both ranks left the trainer with their process group destroyed
+    assert [k["initialized_after"] for k in ranks] == [False, False], said
     assert DuoDiffusion.from_pretrained(tmp_path / "run" / "model").config.label_scale_factor != 1.0
 
 
