@@ -154,10 +154,11 @@ def find_trained_model(explicit: str | None) -> str | None:
 
 def attribute_context(pipe, n: int):
     """(context, null_context) for unconditional sampling of an attribute-conditioned label model."""
-    ctx_fn = getattr(pipe, "_attribute_context", None)
-    if ctx_fn is None or not getattr(pipe.config, "attributes", ()):
+    from duodiff.attributes import attribute_context as contexts
+
+    _, _, context, null_context = contexts(pipe.config, None, n)
+    if context is None:
         return None, None
-    _, _, context, null_context = ctx_fn(None, n)
     return context.to(pipe.device), null_context.to(pipe.device)
 
 
