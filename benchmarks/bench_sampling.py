@@ -57,6 +57,13 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shown(path: str | Path) -> str:
+    """A path as the reports record it: relative to the repository when inside it (no machine paths in results)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
 SAMPLERS = {"ddpm-1000": ("ddpm", 1000), "ddim-50": ("ddim", 50), "ddim-20": ("ddim", 20)}
 LOW_PRECISION = {"cpu": "bfloat16", "cuda": "float16"}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -131,7 +138,7 @@ def load_pipelines(args, device: torch.device) -> dict[str, tuple[Any, str]]:
     for preset in args.preset:
         if preset == "hippocampus" and args.trained is not None:
             pipe = load_trained(args.trained, str(device))
-            out[preset] = (pipe, f"trained ({args.trained})")
+            out[preset] = (pipe, f"trained ({shown(args.trained)})")
             continue
         pipe = DuoDiffusion.from_preset(preset, num_classes=3)
         randomize_weights(pipe, seed=0, std=0.02)
@@ -358,7 +365,7 @@ def load_segmenter(path: str | None, num_classes: int):
     seg = SliceSegmenter.load(folder)
     if seg.num_classes != num_classes:
         return None, f"the segmenter in {folder} predicts {seg.num_classes} classes, the model {num_classes}"
-    return seg, str(folder)
+    return seg, shown(folder)
 
 
 def sample_timed(pipe, sampler: str, steps: int, seeds: list[int], dtype: str, batch: int):
@@ -477,13 +484,46 @@ def quality_sweep(pipe, args, device: torch.device, auto_dtype: str | None = Non
             sweep["rows"].append(row)
             print(f"sweep: {sampler:11s} {steps:3d} steps: {s_per_pair:6.2f} s/pair, label medians "
                   f"{row['label_median_max_rel_diff']:.1%} off, consistency {row.get('consistency', float('nan')):.3f},"
-                  f" FID {row.get('fid', float('nan')):.2f} -> equal quality: {row['equal_quality']}", flush=True)
+                  f" FID {row.get('fid', float('nan')):.3f} -> equal quality: {row['equal_quality']}", flush=True)
     passing = [r for r in sweep["rows"] if r["equal_quality"]]
     best = min(passing, key=lambda r: r["seconds_per_pair"]) if passing else None
     sweep["fastest_equal_quality"] = None if best is None else {
         "sampler": best["sampler"], "steps": best["steps"], "seconds_per_pair": best["seconds_per_pair"],
         "speedup_vs_reference": ref_s / best["seconds_per_pair"]}
+    sweep["default_rule"] = default_rule(sweep, core=[s for s in samplers if s not in DIFFUSERS_SAMPLERS])
     return sweep
+
+
+DEFAULT_RULE = ("the default is a sampler of the core install (no optional extra) at twice the smallest step count "
+                "from which it meets equal quality at every swept step count (a 2x margin for models harder than "
+                "the one swept); among core samplers, the one with the fewest such steps")
+
+
+def default_rule(sweep: dict[str, Any], core: Sequence[str]) -> dict[str, Any] | None:
+    """The default (sampler, steps) by :data:`DEFAULT_RULE` from the sweep's rows, or None.
+
+    ``stable_from`` is the smallest swept step count from which every larger swept count meets equal quality;
+    the default is ``2 * stable_from`` steps (issue 16: "pick the default sampler and step count from it").
+    """
+    best = None
+    for sampler in core:
+        rows = sorted((r for r in sweep["rows"] if r["sampler"] == sampler), key=lambda r: r["steps"])
+        stable = None
+        for r in reversed(rows):
+            if not r["equal_quality"]:
+                break
+            stable = r
+        if stable is None:
+            continue
+        steps = 2 * stable["steps"]
+        timed = next((r for r in rows if r["steps"] == steps), None)
+        cand = {"sampler": sampler, "steps": steps, "stable_from": stable["steps"],
+                "seconds_per_pair": None if timed is None else timed["seconds_per_pair"]}
+        if best is None or steps < best["steps"]:
+            best = cand
+    if best is not None:
+        best["rule"] = DEFAULT_RULE
+    return best
 
 
 def markdown_sweep(sweep: dict[str, Any], label_names: Sequence[str]) -> list[str]:
@@ -503,7 +543,7 @@ def markdown_sweep(sweep: dict[str, Any], label_names: Sequence[str]) -> list[st
     def fmt(r):
         diffs = ", ".join(f"{d:.1%}" for d in r["label_median_rel_diff"])
         cons = f"{r['consistency']:.3f}" if "consistency" in r else "-"
-        fid = f"{r['fid']:.2f}" if "fid" in r else "-"
+        fid = f"{r['fid']:.3f}" if "fid" in r else "-"
         return f"{r['seconds_per_pair']:.2f} | {diffs} | {r['label_agreement']:.3f} | {cons} | {fid}"
 
     lines.append(f"| ddim (reference) | {ref['steps']} | {fmt(ref)} | - |")
@@ -514,6 +554,11 @@ def markdown_sweep(sweep: dict[str, Any], label_names: Sequence[str]) -> list[st
     lines.append("Fastest at equal quality: " + ("none of the rows" if best is None else
                  f"**{best['sampler']}-{best['steps']}**, {best['seconds_per_pair']:.2f} s/pair, "
                  f"{best['speedup_vs_reference']:.1f}x the reference") + ".")
+    rule = sweep.get("default_rule")
+    if rule is not None:
+        timed = "" if rule["seconds_per_pair"] is None else f", {rule['seconds_per_pair']:.2f} s/pair"
+        lines += ["", f"Default by the rule ({rule['rule']}): **{rule['sampler']}-{rule['steps']}** (equal quality "
+                  f"from {rule['stable_from']} steps on{timed})."]
     return lines
 
 
@@ -545,6 +590,23 @@ def plot_sweep(sweep: dict[str, Any], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def sweep_ratios(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Seconds per pair of the sweep's fastest equal-quality row and of the rule's default vs the MONAI baseline."""
+    sweep = result["sweep"]
+    base = next((b for b in result["baselines"] if b["preset"] == sweep["preset"]), None)
+    ratios = []
+    picks = [("fastest sweep row at equal quality", sweep.get("fastest_equal_quality")),
+             ("default by the rule", sweep.get("default_rule"))]
+    for what, pick in picks:
+        if pick and pick.get("seconds_per_pair") and base:
+            ratios.append({
+                "name": f"{sweep['preset']}: {what} ({pick['sampler']}-{pick['steps']}, {sweep['dtype']}, batch "
+                        f"{sweep['batch']}) vs MONAI DDPM-1000 fp32 (batch 1), seconds per pair",
+                "value": base["latency_s"] / pick["seconds_per_pair"], "target": 100,
+                "baseline_extrapolated": base["extrapolated"]})
+    return ratios
 
 
 # ------------------------------------------------------------------------------------------- dtype table
@@ -609,7 +671,8 @@ def markdown_dtype_table(t: dict[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- busy machine
-def load_check(model: str | None, steps: int, num_samples: int, competitors: Sequence[int]) -> list[dict[str, Any]]:
+def load_check(model: str | None, steps: int | None, num_samples: int,
+               competitors: Sequence[int]) -> list[dict[str, Any]]:
     """Wall seconds of ``duodiff sample -n N`` with default settings while 0, 1, ... busy loops run.
 
     The command runs as a new process without ``OMP_NUM_THREADS`` (so duodiff picks its thread count by load);
@@ -620,7 +683,8 @@ def load_check(model: str | None, steps: int, num_samples: int, competitors: Seq
     import tempfile
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    cmd = [sys.executable, "-m", "duodiff.cli.main", "sample", "-n", str(num_samples), "--steps", str(steps)]
+    cmd = [sys.executable, "-m", "duodiff.cli.main", "sample", "-n", str(num_samples)]
+    cmd += [] if steps is None else ["--steps", str(steps)]
     if model:
         cmd += ["--model", model]
     rows = []
@@ -639,10 +703,55 @@ def load_check(model: str | None, steps: int, num_samples: int, competitors: Seq
         if proc.returncode != 0:
             raise RuntimeError(f"duodiff sample failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
         note = next((line for line in proc.stderr.splitlines() if line.startswith("generating")), "")
+        note = note.replace(out, "OUT")
         rows.append({"competitors": k, "wall_s": wall, "announce": note})
-        print(f"load check: {k} competing busy loop(s): duodiff sample -n {num_samples} --steps {steps}: {wall:.1f} s"
+        how = "" if steps is None else f" --steps {steps}"
+        print(f"load check: {k} competing busy loop(s): duodiff sample -n {num_samples}{how}: {wall:.1f} s"
               f"  [{note}]", flush=True)
     return rows
+
+
+# ------------------------------------------------------------------------------------------- cores
+def cores_check(pipe, steps: int, dtype: str, batches: Sequence[int], repeats: int) -> dict[str, Any]:
+    """Pairs per second of DDIM-``steps`` at each batch size on 1 thread and on all of torch's threads.
+
+    The issue-16 check "use the cores": batch B on all threads against batch 1 on one thread. Each configuration
+    samples ``max(batches)`` pairs (seeds 0..B-1) ``repeats`` times, runs interleaved, and keeps its fastest run.
+    """
+    full = torch.get_num_threads()
+    threads = sorted({1, full})
+    n = max(batches)
+    seeds = list(range(n))
+    pipe.sample(1, seed=0, num_inference_steps=2, dtype=dtype, progress=False)  # warm-up
+    best: dict[tuple[int, int], float] = {}
+    try:
+        for _ in range(max(1, repeats)):
+            for t in threads:
+                torch.set_num_threads(t)
+                for b in batches:
+                    _, s = sample_timed(pipe, "ddim", steps, seeds, dtype, b)
+                    best[(t, b)] = min(best.get((t, b), float("inf")), s)
+                    print(f"cores: {t} thread(s), batch {b}: {1 / s:.3f} pairs/s", flush=True)
+    finally:
+        torch.set_num_threads(full)
+    rows = [{"threads": t, "batch": b, "seconds_per_pair": s, "pairs_per_s": 1 / s} for (t, b), s in best.items()]
+    base = best[(1, 1)]
+    top = min(((t, b) for t, b in best if t == full), key=lambda k: best[k])
+    return {"steps": steps, "dtype": dtype, "pairs": n, "repeats": repeats, "rows": rows,
+            "best_all_threads": {"threads": top[0], "batch": top[1]},
+            "speedup_vs_1_thread_batch_1": base / best[top], "target": 1.6}
+
+
+def markdown_cores(c: dict[str, Any]) -> list[str]:
+    lines = ["", f"## Use the cores: DDIM-{c['steps']} {c['dtype']}, {c['pairs']} pairs per run, fastest of "
+             f"{c['repeats']}", "", "| threads | batch | s per pair | pairs/s |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['threads']} | {r['batch']} | {r['seconds_per_pair']:.3f} | {r['pairs_per_s']:.3f} |"
+              for r in c["rows"]]
+    top = c["best_all_threads"]
+    ok = "met" if c["speedup_vs_1_thread_batch_1"] >= c["target"] else "NOT met"
+    lines.append(f"\nBatch {top['batch']} on {top['threads']} threads vs batch 1 on 1 thread: "
+                 f"**{c['speedup_vs_1_thread_batch_1']:.2f}x** pairs/s (target >= {c['target']}x: {ok}).")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------- seams
@@ -710,13 +819,17 @@ def fmt_bytes(n: float | None) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
+
+    def loads(key: str) -> str:
+        return " / ".join(f"{x:.2f}" for x in env[key]) if env.get(key) else "-"
+
     mem_kind = "CUDA max allocated" if env["device"].startswith("cuda") else "process peak RSS"
     lines = [
         f"# duodiff sampling benchmark ({env['device']})", "",
         f"{env.get('gpu') or env.get('cpu', '')}; torch {env['torch']}, MONAI {env['monai']}, "
         f"{env['torch_threads']} intra-op threads; {env['date']}.",
-        f"Command: `{env['command']}`. Load average at start: {env.get('load_average_start')}, "
-        f"end: {env.get('load_average_end')} (shared machine: timings are noisy).", "",
+        f"Command: `{env['command']}`. Load average (1 / 5 / 15 min) at start: {loads('load_average_start')}, "
+        f"at end: {loads('load_average_end')} (the run's own load included).", "",
         "Seconds per batch (fastest of `--repeats` runs); `*` = long loop timed on its first `measured_steps` "
         "steps and extrapolated per step (decode times measured once per preset/dtype/batch). "
         f"Peak memory: {mem_kind}, the largest of the four stages.", "",
@@ -778,6 +891,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += markdown_dtype_table(result["dtype_table"])
     if result.get("sweep"):
         lines += markdown_sweep(result["sweep"], result["sweep"]["label_names"])
+    if result.get("cores"):
+        lines += markdown_cores(result["cores"])
     if result.get("load_check"):
         rows = result["load_check"]
         idle = next((r["wall_s"] for r in rows if r["competitors"] == 0), None)
@@ -860,10 +975,11 @@ def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> argparse.
                    help="torch intra-op threads (default: torch's default, all cores); 1 is steadier on a "
                         "machine shared with other jobs")
     p.add_argument("--parts", nargs="+", default=["timing", "sweep", "dtypes"],
-                   choices=["timing", "sweep", "dtypes", "load"],
+                   choices=["timing", "sweep", "dtypes", "load", "cores"],
                    help="what to run: timing (the stage table, baseline, parity, seams), sweep (quality vs steps), "
                         "dtypes (fp32 / low precision / auto per stage), load (duodiff sample -n 4 beside 0 and 1 "
-                        "busy loops; wants an otherwise idle machine). Default: timing sweep dtypes")
+                        "busy loops; wants an otherwise idle machine), cores (pairs/s of batch 1/4/8 on 1 thread "
+                        "and on all threads; wants an idle machine). Default: timing sweep dtypes")
     p.add_argument("--sweep-samplers", nargs="+", default=list(SWEEP_SAMPLERS), choices=list(SWEEP_SAMPLERS))
     p.add_argument("--sweep-steps", nargs="+", type=positive_int, default=list(SWEEP_STEPS))
     p.add_argument("--sweep-samples", type=positive_int, default=32, help="pairs per sweep row (default 32)")
@@ -877,11 +993,17 @@ def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> argparse.
     p.add_argument("--real", default=None, metavar="DIR",
                    help="real pairs (MSD / nnU-Net folder) for FID-2.5D; default: an independent DDIM reference set")
     p.add_argument("--dtype-table-steps", type=positive_int, default=50, help="DDIM steps of the dtype table")
-    p.add_argument("--load-check-steps", type=positive_int, default=50)
+    p.add_argument("--load-check-steps", type=positive_int, default=None,
+                   help="--steps of the load check's duodiff sample (default: none given, the library default)")
     p.add_argument("--load-check-samples", type=positive_int, default=4)
+    p.add_argument("--cores-steps", type=positive_int, default=20, help="DDIM steps of the cores check")
+    p.add_argument("--cores-batches", nargs="+", type=positive_int, default=[1, 4, 8])
     p.add_argument("--quick", action="store_true",
                    help="smoke run: hippocampus, batch 1, 3 steps, no parity; sweep of 2 pairs at 2 and 4 steps "
                         "against DDIM-8; dtype table at 3 steps")
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="measure nothing: recompute the default rule and ratios of a saved run's JSON and rewrite "
+                        "its .md/.png next to it")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/bench_sampling_<device>)")
     return p.parse_args(argv)
 
@@ -889,6 +1011,8 @@ def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> argparse.
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run the benchmark; ``prog`` names the command in usage lines (``duodiff bench`` when run through it)."""
     args = parse_args(argv, prog)
+    if args.report:
+        return rewrite_report(Path(args.report))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -904,6 +1028,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         args.batch_sizes, args.max_steps, args.baseline_steps, args.repeats = [1], 3, 3, 1
         args.sweep_steps, args.sweep_samples, args.sweep_batch, args.sweep_reference_steps = [2, 4], 2, 2, 8
         args.dtype_table_steps, args.load_check_steps, args.load_check_samples = 3, 3, 1
+        args.cores_steps, args.cores_batches = 2, [1, 2]
     args.trained = find_trained_model(args.model)
     out_prefix = Path(args.out) if args.out else RESULTS / f"bench_sampling_{kind}"
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -923,7 +1048,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
     env = environment(device)
     print(f"# {env.get('gpu') or env.get('cpu')} | torch {env['torch']} | threads {env['torch_threads']} | "
-          f"trained model: {args.trained}", flush=True)
+          f"trained model: {args.trained and shown(args.trained)}", flush=True)
     pipes = load_pipelines(args, device)
     mem = Memory(device)
     result: dict[str, Any] = {"environment": env, "rows": [], "baselines": [], "ratios": [], "parity": None,
@@ -1012,21 +1137,24 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                                         (result.get("dtype_table") or {}).get("auto_dtype"))
         result["sweep"].update(preset=args.preset[0], weights=main_weights,
                                label_names=list(main_pipe.config.label_names))
-        best = result["sweep"]["fastest_equal_quality"]
-        base = next((b for b in result["baselines"] if b["preset"] == args.preset[0]), None)
-        if best and base:
-            result["ratios"].append({
-                "name": f"{args.preset[0]}: fastest sweep row at equal quality ({best['sampler']}-{best['steps']}, "
-                        f"{result['sweep']['dtype']}, batch {result['sweep']['batch']}) vs MONAI DDPM-1000 fp32 "
-                        "(batch 1), seconds per pair",
-                "value": base["latency_s"] / best["seconds_per_pair"], "target": 100,
-                "baseline_extrapolated": base["extrapolated"]})
+        result["ratios"] += sweep_ratios(result)
+    if "cores" in args.parts:
+        cdtype = (result.get("dtype_table") or {}).get("auto_dtype") or low or "float32"
+        result["cores"] = cores_check(main_pipe, args.cores_steps, cdtype, args.cores_batches,
+                                      setting(args.preset[0], "repeats"))
     if "load" in args.parts:
         result["load_check"] = load_check(args.trained, args.load_check_steps, args.load_check_samples, (0, 1))
     with contextlib.suppress(OSError, AttributeError):
         env["load_average_end"] = list(os.getloadavg())
     env["wall_seconds"] = time.perf_counter() - t_start
 
+    write_outputs(result, out_prefix)
+    return 0
+
+
+def write_outputs(result: dict[str, Any], out_prefix: Path) -> None:
+    """Write ``<out_prefix>.json/.md/.png`` (and ``_sweep.png``) and print the summary lines."""
+    env = result["environment"]
     out_prefix.with_suffix(".json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     out_prefix.with_suffix(".md").write_text(markdown(result))
     if result["rows"]:
@@ -1049,6 +1177,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         t = result["dtype_table"]
         print(f"DTYPE auto chose {t['auto_dtype']}: {t['auto_vs_best_fixed']:.2f}x the best fixed dtype "
               f"({t['best_fixed']}; target <= 1.05)")
+    if result.get("cores"):
+        c = result["cores"]
+        print(f"CORES batch {c['best_all_threads']['batch']} on {c['best_all_threads']['threads']} threads vs batch 1 "
+              f"on 1 thread: {c['speedup_vs_1_thread_batch_1']:.2f}x pairs/s (target >= {c['target']}x)")
+    if (result.get("sweep") or {}).get("default_rule"):
+        r = result["sweep"]["default_rule"]
+        print(f"DEFAULT by the rule: {r['sampler']}-{r['steps']} (equal quality from {r['stable_from']} steps on)")
     if result.get("sweep"):
         best = result["sweep"]["fastest_equal_quality"]
         print("SWEEP fastest at equal quality: " + ("none" if best is None else
@@ -1056,6 +1191,21 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
               f"{best['speedup_vs_reference']:.1f}x {result['sweep']['reference_sampler']})"))
     print(f"wrote {out_prefix}.json/.md" + ("/.png" if result["rows"] else "")
           + (f" and {out_prefix}_sweep.png" if result.get("sweep") else "") + f" in {env['wall_seconds']:.0f} s")
+
+
+def rewrite_report(path: Path) -> int:
+    """``--report JSON``: recompute the sweep's default rule and ratios of a saved run and rewrite its reports."""
+    from duodiff.schedulers import DIFFUSERS_SAMPLERS
+
+    result = json.loads(path.read_text())
+    if result.get("sweep"):
+        sweep = result["sweep"]
+        core = [s for s in dict.fromkeys(r["sampler"] for r in sweep["rows"]) if s not in DIFFUSERS_SAMPLERS]
+        sweep["default_rule"] = default_rule(sweep, core)
+        ours = ("fastest sweep row at equal quality", "default by the rule")
+        result["ratios"] = [r for r in result["ratios"] if not any(o in r["name"] for o in ours)] \
+            + sweep_ratios(result)
+    write_outputs(result, path.with_suffix(""))
     return 0
 
 

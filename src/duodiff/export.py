@@ -33,6 +33,7 @@ from .data.dataset_json import read_channel_names, read_label_names
 from .data.layout import Case, find_cases
 from .data.reading import read_case
 from .io import NIFTI_SUFFIX, chmod_as_new, nnunet_dataset_json, write_json
+from .schedulers import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SCHEDULER
 
 __all__ = ["read_dataset_meta", "export_nnunet", "NnunetExport"]
 
@@ -135,8 +136,8 @@ def export_nnunet(
     synthetic: Any = None,
     num_synthetic: int | None = None,
     seed: int = 0,
-    num_inference_steps: int = 50,
-    scheduler: str = "ddim",
+    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+    scheduler: str = DEFAULT_SCHEDULER,
     batch_size: int = 4,
     device: str | None = None,
     dtype: str | None = None,

@@ -46,6 +46,7 @@ import torch
 
 from .dtypes import autocast, resolve_dtype
 from .fingerprint import model_fingerprint
+from .schedulers import DEFAULT_NUM_INFERENCE_STEPS
 from .threads import busy_cores_of_others
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -326,7 +327,7 @@ def _write_cache(path: Path, key: str, trials: Mapping[str, Mapping[str, DtypeTr
 
 def choose_dtype(
     pipe: DuoDiffusion,
-    num_inference_steps: int = 50,
+    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
     *,
     cache_path: str | os.PathLike | None = None,
     measure: Callable[[DuoDiffusion], Mapping[str, Mapping[str, DtypeTrial]]] | None = None,

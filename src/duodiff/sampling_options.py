@@ -29,7 +29,14 @@ from .decoding import TileSize, check_tile_size
 from .dtypes import resolve_dtype
 from .precision import choose_dtype, is_auto
 from .sampling import is_stochastic
-from .schedulers import Sampler, check_num_inference_steps, check_scheduler_name, make_scheduler
+from .schedulers import (
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_SCHEDULER,
+    Sampler,
+    check_num_inference_steps,
+    check_scheduler_name,
+    make_scheduler,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import DuoDiffusion
@@ -76,8 +83,8 @@ class SamplingOptions:
     seed: int | Sequence[int] | None = None
     generator: torch.Generator | None = None
     batch_size: int | None = None
-    num_inference_steps: int = 50
-    scheduler: str = "ddim"
+    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS
+    scheduler: str = DEFAULT_SCHEDULER
     conditioning_scale: float = 1.0
     dtype: str | torch.dtype | None = "auto"
     decode_tile_size: TileSize = "auto"

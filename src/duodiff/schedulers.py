@@ -31,6 +31,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "SAMPLERS",
+    "DEFAULT_SCHEDULER",
+    "DEFAULT_NUM_INFERENCE_STEPS",
+    "REFERENCE_NUM_INFERENCE_STEPS",
     "STOCHASTIC_SAMPLERS",
     "DIFFUSERS_SAMPLERS",
     "Sampler",
@@ -42,6 +45,17 @@ __all__ = [
 
 #: Sampler names accepted by ``DuoDiffusion.sample(scheduler=...)`` and ``duodiff sample --scheduler``.
 SAMPLERS = ("ddpm", "ddim", "pndm", "dpmsolver++", "unipc")
+#: The default sampler and step count of every generating entry point (``sample``, ``sample_labels``,
+#: ``generate_images``, the datasets, ``export``, ``duodiff sample`` / ``export``). Chosen by the quality-vs-steps
+#: sweep of ``benchmarks/bench_sampling.py`` (``benchmarks/results/bench_sampling_cpu.md``, docs/performance.md):
+#: DDIM meets equal quality with DDIM-50 from 10 steps on (label-volume medians within 5 %, pair consistency
+#: within 0.02, FID-2.5D within 10 %); the default takes twice that, 20, as a margin for harder models. DDIM is
+#: MONAI's, so the default needs no optional extra.
+DEFAULT_SCHEDULER = "ddim"
+DEFAULT_NUM_INFERENCE_STEPS = 20
+#: The reference sampler of quality measurements (``duodiff evaluate``, the benchmarks): every published number
+#: was measured with it, and the sweep compares each sampler against it.
+REFERENCE_NUM_INFERENCE_STEPS = 50
 #: Samplers that draw fresh noise at every step (seeded per sample by the sampling loop).
 STOCHASTIC_SAMPLERS = ("ddpm",)
 #: Samplers taken from diffusers (the ``samplers`` extra): name -> diffusers class name.

@@ -83,3 +83,46 @@ def test_dtype_table_report_names_auto_and_its_ratio():
                   {"dtype": "auto", "resolved": "bfloat16", **stages, "latency_s": 3.1}]}
     text = "\n".join(bs.markdown_dtype_table(t))
     assert "chose **bfloat16**" in text and "**1.02x**" in text and "| auto (bfloat16) | 1.000 |" in text
+
+
+def _rule_rows(sampler: str, passes: dict[int, bool]) -> list[dict]:
+    return [{"sampler": sampler, "steps": k, "seconds_per_pair": k / 50, "equal_quality": ok}
+            for k, ok in passes.items()]
+
+
+def test_default_rule_takes_twice_the_first_stable_step_count_of_a_core_sampler():
+    bs = _load("bench_sampling")
+    rows = (_rule_rows("ddim", {5: False, 10: True, 15: True, 20: True, 30: True, 50: True})
+            # a lucky 5-step row followed by failures is not stable; diffusers samplers are not core
+            + _rule_rows("pndm", {5: True, 10: False, 15: True, 20: True, 30: True, 50: True})
+            + _rule_rows("dpmsolver++", {5: True, 10: True, 15: True, 20: True, 30: True, 50: True}))
+    rule = bs.default_rule({"rows": rows}, core=["ddim", "pndm"])
+    assert (rule["sampler"], rule["steps"], rule["stable_from"]) == ("ddim", 20, 10)
+    assert rule["seconds_per_pair"] == 20 / 50 and "twice" in rule["rule"]
+    # the pndm rows are stable from 15: 30 steps, more than ddim's 20
+    assert bs.default_rule({"rows": rows}, core=["pndm"])["steps"] == 30
+    # no core sampler is stable at its largest step count -> no default
+    assert bs.default_rule({"rows": _rule_rows("ddim", {10: True, 50: False})}, core=["ddim"]) is None
+
+
+def test_sweep_ratios_compare_the_default_with_the_monai_baseline():
+    bs = _load("bench_sampling")
+    sweep = {"preset": "hippocampus", "dtype": "bfloat16", "batch": 8,
+             "fastest_equal_quality": {"sampler": "unipc", "steps": 5, "seconds_per_pair": 0.1},
+             "default_rule": {"sampler": "ddim", "steps": 20, "seconds_per_pair": 0.4}}
+    result = {"sweep": sweep, "baselines": [{"preset": "hippocampus", "latency_s": 100.0, "extrapolated": True}]}
+    ratios = bs.sweep_ratios(result)
+    assert [round(r["value"]) for r in ratios] == [1000, 250]
+    assert "default by the rule (ddim-20" in ratios[1]["name"] and ratios[1]["target"] == 100
+
+
+def test_cores_report_states_the_ratio_and_verdict():
+    bs = _load("bench_sampling")
+    c = {"steps": 20, "dtype": "bfloat16", "pairs": 8, "repeats": 2, "target": 1.6,
+         "rows": [{"threads": 1, "batch": 1, "seconds_per_pair": 1.0, "pairs_per_s": 1.0},
+                  {"threads": 2, "batch": 8, "seconds_per_pair": 0.5, "pairs_per_s": 2.0}],
+         "best_all_threads": {"threads": 2, "batch": 8}, "speedup_vs_1_thread_batch_1": 2.0}
+    text = "\n".join(bs.markdown_cores(c))
+    assert "| 2 | 8 | 0.500 | 2.000 |" in text and "**2.00x** pairs/s (target >= 1.6x: met)" in text
+    c["speedup_vs_1_thread_batch_1"] = 1.2
+    assert "NOT met" in "\n".join(bs.markdown_cores(c))

@@ -32,15 +32,19 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
 
 def add_generation_arguments(p: argparse.ArgumentParser, *, batch_size: int, device: str | None, dtype: str | None,
                              device_help: str = "torch device for generation, e.g. cpu or cuda:0",
-                             dtype_help: str = "autocast dtype", scheduler_help: str = _SCHEDULER_HELP) -> None:
+                             dtype_help: str = "autocast dtype", scheduler_help: str = _SCHEDULER_HELP,
+                             steps: int | None = None, steps_help: str = "") -> None:
     """``--steps``, ``--scheduler``, ``--batch-size``, ``--device`` and ``--dtype``: the :meth:`DuoDiffusion.sample`
     options of a command that generates pairs, spelt and checked the same in ``sample``, ``evaluate`` and
-    ``export``. Each command gives its own defaults (``evaluate`` generates in float32, ``sample`` picks a dtype)
-    and may word the help of ``--device``, ``--dtype`` and ``--scheduler`` for itself."""
-    from ..schedulers import SAMPLERS
+    ``export``. Each command gives its own defaults (``evaluate`` generates in float32 with the reference DDIM-50,
+    ``sample`` picks a dtype and uses the library default, :data:`duodiff.schedulers.DEFAULT_NUM_INFERENCE_STEPS`)
+    and may word the help of ``--device``, ``--dtype``, ``--scheduler`` and ``--steps`` for itself."""
+    from ..schedulers import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SCHEDULER, SAMPLERS
 
-    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps per stage (default 50)")
-    p.add_argument("--scheduler", default="ddim", choices=SAMPLERS, help=scheduler_help)
+    steps = DEFAULT_NUM_INFERENCE_STEPS if steps is None else steps
+    p.add_argument("--steps", type=positive_int, default=steps,
+                   help=f"denoising steps per stage (default {steps}{steps_help})")
+    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=SAMPLERS, help=scheduler_help)
     p.add_argument("--batch-size", type=positive_int, default=batch_size)
     p.add_argument("--device", default=device, help=device_help)
     p.add_argument("--dtype", default=dtype, choices=list(DTYPE_CHOICES), help=dtype_help)

@@ -20,6 +20,8 @@ from .common import (
 
 
 def add_parser(sub) -> None:
+    from ..schedulers import DEFAULT_NUM_INFERENCE_STEPS, REFERENCE_NUM_INFERENCE_STEPS
+
     p = sub.add_parser(
         "evaluate", help="score synthetic pairs against real ones and write a report",
         description="Generate N pairs (or read --synthetic), compare them with real pairs from an MSD / nnU-Net "
@@ -39,7 +41,11 @@ def add_parser(sub) -> None:
     p.add_argument("--normalize-synthetic", action="store_true",
                    help="percentile-normalise --synthetic images like the real ones (when they are not in [0, 1])")
     p.add_argument("--seed", type=int, default=0, help="first sample seed; also seeds the segmenter (default 0)")
-    add_generation_arguments(p, batch_size=8, device="cpu", dtype="float32", dtype_help="autocast dtype for generation")
+    add_generation_arguments(p, batch_size=8, device="cpu", dtype="float32", dtype_help="autocast dtype for generation",
+                             steps=REFERENCE_NUM_INFERENCE_STEPS,
+                             steps_help=": DDIM-50 is the reference of every published number; duodiff "
+                                        f"sample defaults to {DEFAULT_NUM_INFERENCE_STEPS} steps, of equal quality "
+                                        "(docs/performance.md)")
     p.add_argument("--segmenter", default=None, metavar="DIR",
                    help="load a segmenter saved by an earlier run (DIR with segmenter.safetensors) instead of "
                         "training one")

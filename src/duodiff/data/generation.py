@@ -17,6 +17,7 @@ from torch.utils.data import get_worker_info
 
 from .. import keys
 from ..fingerprint import model_fingerprint
+from ..schedulers import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SCHEDULER
 from ..threads import GENERATION_THREADS, check_num_threads, intra_op_threads
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,8 +105,8 @@ class PairGenerator:
         self,
         pipe: DuoDiffusion,
         *,
-        num_inference_steps: int = 50,
-        scheduler: str = "ddim",
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+        scheduler: str = DEFAULT_SCHEDULER,
         dtype: str | torch.dtype | None = "auto",
         conditioning_scale: float = 1.0,
         sample_kwargs: dict[str, Any] | None = None,

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..distributed import group_rank
+from ..schedulers import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SCHEDULER
 from ..threads import GENERATION_THREADS
 from .generation import GeneratorBacked, PairGenerator, check_device_usable, check_seed, check_transform
 from .pool import GenerationPool
@@ -92,8 +93,8 @@ class StreamingSyntheticPairDataset(GeneratorBacked, IterableDataset):
         pipe: DuoDiffusion,
         *,
         seed: int = 0,
-        num_inference_steps: int = 50,
-        scheduler: str = "ddim",
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+        scheduler: str = DEFAULT_SCHEDULER,
         dtype: str | torch.dtype | None = "auto",
         conditioning_scale: float = 1.0,
         transform: Callable[[dict[str, Any]], Any] | None = None,

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .. import keys
+from ..schedulers import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SCHEDULER
 from ..threads import GENERATION_THREADS
 from .generation import GeneratorBacked, PairGenerator, as_item, check_index, check_seed, check_transform
 from .pair_folder import PairFolderDataset
@@ -118,8 +119,8 @@ class SyntheticPairDataset(GeneratorBacked, Dataset, metaclass=abc.ABCMeta):
         num_samples: int,
         *,
         seed: int = 0,
-        num_inference_steps: int = 50,
-        scheduler: str = "ddim",
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+        scheduler: str = DEFAULT_SCHEDULER,
         dtype: str | torch.dtype | None = "auto",
         conditioning_scale: float = 1.0,
         transform: Callable[[dict[str, Any]], Any] | None = None,
