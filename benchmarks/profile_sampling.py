@@ -1,15 +1,17 @@
-"""Where does sampling time go? Share of wall time inside the network forwards, at batch 1.
+"""Where does sampling time go? Share of wall time inside the network forwards, and time per op category.
 
 Runs ``pipe.sample(1, ...)`` (the user path: both stages, seeding, scheduler steps, decode) with
 timing hooks on the five networks (UNets, ControlNet, decoders) and reports the fraction of wall
 time spent inside their forwards (target >= 70 % on CPU). Everything else is the sampling loop's
-own overhead: scheduler steps, noise, casts, Python. Then a ``torch.profiler`` table (top ops by
-self time) and a ``cProfile`` listing of Python functions, both written to the report.
+own overhead: scheduler steps, noise, casts, Python. Then ``torch.profiler`` self time per op category
+(convolution, group norm, attention, casts, ...) for every dtype side by side, with each dtype's gain over the
+first (where does bf16 gain or lose?), the top ops of the last dtype, and a ``cProfile`` listing of Python
+functions, all written to the report. ``--batch-size`` and ``--channels-last`` test the two usual levers.
 
 Examples::
 
     python benchmarks/profile_sampling.py                          # CPU, results/profile_cpu.txt
-    python benchmarks/profile_sampling.py --dtype bfloat16 --steps 50 --scheduler ddim
+    python benchmarks/profile_sampling.py --dtypes float32 bfloat16 --steps 20 --batch-size 4 --channels-last
     python benchmarks/profile_sampling.py --device cuda --out benchmarks/results/profile_cuda.txt
 """
 
@@ -28,6 +30,49 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+#: op-name substrings -> category of the per-op dtype comparison (first match wins; aten op names).
+OP_CATEGORIES = (
+    ("convolution", ("conv", "mkldnn_convolution")),
+    ("group norm", ("group_norm",)),
+    ("attention", ("bmm", "softmax", "scaled_dot_product", "_efficient_attention", "_flash_attention", "baddbmm")),
+    ("linear", ("addmm", "aten::mm", "linear")),
+    ("dtype casts / copies", ("aten::to", "_to_copy", "copy_", "contiguous", "clone")),
+    ("interpolate", ("upsample", "interpolate")),
+    ("elementwise", ("add", "mul", "silu", "sigmoid", "div", "sub", "cat", "fill_", "zero_", "exp", "sqrt", "rsqrt")),
+)
+
+
+def op_category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in OP_CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def category_times(prof) -> dict[str, float]:
+    """Self CPU seconds per :data:`OP_CATEGORIES` category of a finished ``torch.profiler`` run."""
+    out: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        if evt.key.startswith("aten::") or evt.key.startswith("mkldnn"):
+            out[op_category(evt.key)] += evt.self_cpu_time_total / 1e6
+    return dict(out)
+
+
+def category_table(per_dtype: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown-like text table: seconds per op category and dtype, and each dtype's speed-up over the first."""
+    dtypes = list(per_dtype)
+    cats = sorted({c for t in per_dtype.values() for c in t}, key=lambda c: -per_dtype[dtypes[0]].get(c, 0.0))
+    head = f"{'op category':24s}" + "".join(f"{d:>12s}" for d in dtypes)
+    head += "".join(f"{d + ' gain':>16s}" for d in dtypes[1:])
+    lines = [head]
+    for c in [*cats, "total"]:
+        vals = [sum(t.values()) if c == "total" else t.get(c, 0.0) for t in per_dtype.values()]
+        row = f"{c:24s}" + "".join(f"{v:12.3f}" for v in vals)
+        row += "".join(f"{(vals[0] / v if v else float('inf')):15.2f}x" for v in vals[1:])
+        lines.append(row)
+    return lines
 
 
 def network_modules(pipe) -> dict[str, torch.nn.Module]:
@@ -109,6 +154,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's default, all cores); 1 is steadier on a "
                         "machine shared with other jobs")
+    p.add_argument("--batch-size", type=int, default=1, help="pairs per sample() call (default 1)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="convert the networks to channels-last-3D memory format (torch.channels_last_3d) first")
     p.add_argument("--out", default=None, help="report path (default benchmarks/results/profile_<device>.txt)")
     args = p.parse_args(argv)
     if args.threads:
@@ -117,9 +165,13 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     out_path = Path(args.out) if args.out else RESULTS / f"profile_{device.type}.txt"
     pipe, weights = load(args, str(device))
+    if args.channels_last:
+        for m in network_modules(pipe).values():
+            m.to(memory_format=torch.channels_last_3d)
     timer = ForwardTimer(network_modules(pipe), cuda)
     lines = [
-        f"# duodiff sampling profile: {weights}, volume {pipe.config.volume_shape}, batch 1, "
+        f"# duodiff sampling profile: {weights}, volume {pipe.config.volume_shape}, batch {args.batch_size}, "
+        f"{'channels-last-3D, ' if args.channels_last else ''}"
         f"{args.scheduler.upper()}-{args.steps}, device {device}",
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads; command: "
         f"{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}",
@@ -127,8 +179,8 @@ def main(argv=None) -> int:
     ]
 
     def sample(dtype: str):
-        return pipe.sample(1, seed=0, num_inference_steps=args.steps, scheduler=args.scheduler, dtype=dtype,
-                           progress=False)
+        return pipe.sample(args.batch_size, seed=0, num_inference_steps=args.steps, scheduler=args.scheduler,
+                           dtype=dtype, progress=False)
 
     summary = []
     for dtype in args.dtypes:
@@ -163,12 +215,17 @@ def main(argv=None) -> int:
                 lines.append(f"  {k:24s} {per[k][i]:8.3f} s  ({per[k][i] / wall:6.1%}), {timer.calls[k]} calls")
         lines.append("")
 
-    # torch.profiler: top ops (last dtype)
+    # torch.profiler: self time per op category for every dtype, then the top ops of the last dtype
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        sample(args.dtypes[-1])
+    per_dtype = {}
+    for dtype in args.dtypes:
+        with profile(activities=acts) as prof:
+            sample(dtype)
+        per_dtype[dtype] = category_times(prof)
+    lines += ["## torch.profiler: self CPU seconds per op category (one sample() call per dtype; profiler "
+              "overhead included)", "", *category_table(per_dtype), ""]
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     lines += [f"## torch.profiler, {args.dtypes[-1]}: top 25 ops by self time", "",
               prof.key_averages().table(sort_by=sort, row_limit=25), ""]
@@ -187,7 +244,8 @@ def main(argv=None) -> int:
     out_path.write_text("\n".join(lines) + "\n")
     for dtype, wall, frac in summary:
         verdict = "met" if frac >= 0.70 else "NOT met"
-        print(f"PROFILE {dtype}: {wall:.2f} s per pair, {frac:.1%} of wall time in network forwards "
+        print(f"PROFILE {dtype}: {wall:.2f} s per sample() call of {args.batch_size} pair(s), {frac:.1%} of wall "
+              "time in network forwards "
               f"(target >= 70 %: {verdict})")
     print(f"wrote {out_path}")
     return 0

@@ -126,3 +126,18 @@ def test_cores_report_states_the_ratio_and_verdict():
     assert "| 2 | 8 | 0.500 | 2.000 |" in text and "**2.00x** pairs/s (target >= 1.6x: met)" in text
     c["speedup_vs_1_thread_batch_1"] = 1.2
     assert "NOT met" in "\n".join(bs.markdown_cores(c))
+
+
+def test_profile_op_categories_and_gain_table():
+    ps = _load("profile_sampling")
+    assert ps.op_category("aten::mkldnn_convolution") == "convolution"
+    assert ps.op_category("aten::native_group_norm") == "group norm"
+    assert ps.op_category("aten::_to_copy") == "dtype casts / copies"
+    assert ps.op_category("aten::addmm") == "linear" and ps.op_category("aten::baddbmm") == "attention"
+    assert ps.op_category("aten::upsample_nearest3d") == "interpolate"
+    assert ps.op_category("aten::silu_") == "elementwise" and ps.op_category("aten::weird_op") == "other"
+    table = ps.category_table({"float32": {"convolution": 4.0, "group norm": 1.0},
+                               "bfloat16": {"convolution": 1.0, "group norm": 2.0}})
+    assert table[1].split()[:2] == ["convolution", "4.000"] and table[1].endswith("4.00x")
+    assert table[2].startswith("group norm") and table[2].endswith("0.50x")
+    assert table[-1].startswith("total") and table[-1].endswith("1.67x")
