@@ -83,7 +83,7 @@ def test_schedulers_differ(tiny_pipe):
 
 def test_unknown_scheduler(tiny_pipe):
     with pytest.raises(ValueError, match=r"scheduler must be one of \['ddpm', 'ddim', 'pndm', 'dpmsolver\+\+', "
-                                         r"'unipc'\], got 'euler'"):
+                                         r"'unipc', 'rflow'\] or None \(each stage's own\), got 'euler'"):
         tiny_pipe.sample(1, seed=0, num_inference_steps=STEPS, scheduler="euler", progress=False)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from duodiff.config import SchedulerConfig
 from duodiff.sampling import denoise, initial_noise, stage_generators
 from duodiff.schedulers import DIFFUSERS_SAMPLERS, make_scheduler
 from tests.conftest import make_tiny
@@ -224,3 +225,79 @@ def test_image_side_with_its_own_prediction_type_saves_loads_and_samples(tmp_pat
     assert not torch.allclose(a.images, b.images)
     with pytest.raises(ValueError, match="kind must be 'label' or 'image'"):
         pipe.config.schedule_of("mask")
+
+
+class GaussianFlow(nn.Module):
+    """The exact rectified-flow velocity E[x0 - noise | x_t] for data ~ N(mean, std^2), x_t = (1-s) x0 + s noise,
+    s = t / T: a "UNet" whose sampled result is known (the flow maps noise n to mean + std * n)."""
+
+    def __init__(self, mean: float, std: float, num_train_timesteps: int = 1000) -> None:
+        super().__init__()
+        self.mean, self.std, self.T = mean, std, num_train_timesteps
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context=None) -> torch.Tensor:
+        s = (timesteps.double() / self.T).view(-1, *[1] * (x.ndim - 1))
+        a, var = 1 - s, (1 - s) ** 2 * self.std**2 + s**2
+        centred = x.double() - a * self.mean
+        return (self.mean + a * self.std**2 * centred / var - s * centred / var).float()
+
+
+def flow_error(model: GaussianFlow, steps: int) -> float:
+    noise = torch.randn(2, 1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    sched = make_scheduler("rflow", SchedulerConfig(prediction_type="rectified_flow"))
+    sched.set_timesteps(steps)
+    with torch.inference_mode():
+        out = denoise(model, sched, noise, generators=[torch.Generator()] * 2, stochastic=False, progress=False)
+    exact = model.mean + model.std * noise.double()
+    return float((out.double() - exact).norm() / (noise.double().norm() * (model.std or 1.0)))
+
+
+def test_rflow_sampler_follows_the_learned_velocity():
+    """Euler steps of the rflow sampler: exact for straight paths (a single data point, any step count, including
+    uneven rounded steps), and on Gaussian data first-order convergence to the exact flow (measured: 26 % at 5
+    steps, 2.9 % at 50, 1.5 % at 100, 0.7 % at 200: the error halves when the steps double; a wrong step size,
+    e.g. skipping the last step to t = 0, would stall)."""
+    assert flow_error(GaussianFlow(0.7, 0.0), 7) < 1e-5
+    assert flow_error(GaussianFlow(0.7, 0.0), 3) < 1e-5
+    gauss = GaussianFlow(0.5, 0.5)
+    e50, e100, e200 = flow_error(gauss, 50), flow_error(gauss, 100), flow_error(gauss, 200)
+    assert e50 < 0.04 and 0.4 < e100 / e50 < 0.6 and 0.4 < e200 / e100 < 0.6 and e200 < 0.01, (e50, e100, e200)
+    sched = make_scheduler("rflow", SchedulerConfig(prediction_type="rectified_flow"))
+    sched.set_timesteps(3)
+    assert sched.timesteps.tolist() == [1000, 667, 333] and sched.timesteps.dtype == torch.int64
+
+
+def test_rflow_only_for_rectified_flow_models_and_the_default_follows_the_model():
+    from duodiff.schedulers import RFlowSampler, default_sampler, sampler_label
+
+    flow, eps = SchedulerConfig(prediction_type="rectified_flow"), SchedulerConfig()
+    with pytest.raises(ValueError, match="scheduler='ddim' cannot sample a model trained with "
+                                         "prediction_type='rectified_flow': use scheduler='rflow'"):
+        make_scheduler("ddim", flow)
+    with pytest.raises(ValueError, match="'rflow' samples models trained with rectified flow; use 'ddim'"):
+        make_scheduler("rflow", eps)
+    assert isinstance(make_scheduler(None, flow), RFlowSampler)
+    assert type(make_scheduler(None, eps)).__name__ == "DDIMScheduler"
+    assert (default_sampler(flow), default_sampler(eps)) == ("rflow", "ddim")
+    assert sampler_label(None, [eps, flow]) == "DDIM/RFLOW" and sampler_label("pndm", [eps, flow]) == "PNDM"
+    assert sampler_label(None, [eps, eps]) == "DDIM"
+
+
+def test_a_model_with_a_rectified_flow_image_side_samples_each_stage_with_its_own_sampler(one_thread):
+    """Label side epsilon, image side rectified flow: the default (scheduler=None) takes DDIM for labels and rflow
+    for images; the same seed gives the same pair in a batch and alone; naming one sampler for both is refused."""
+    from duodiff import DuoDiffusion
+    from duodiff.sampling_options import stage_scheduler
+    from duodiff.schedulers import RFlowSampler
+
+    base = make_tiny(3)
+    pipe = DuoDiffusion(base.config.replace(image_scheduler=SchedulerConfig(prediction_type="rectified_flow")),
+                        base.components())
+    assert isinstance(stage_scheduler(pipe, None, 3, "image"), RFlowSampler)
+    assert type(stage_scheduler(pipe, None, 3, "label")).__name__ == "DDIMScheduler"
+    both = pipe.sample(2, seed=[4, 5], num_inference_steps=3, dtype="float32", progress=False)
+    alone = pipe.sample(1, seed=5, num_inference_steps=3, dtype="float32", progress=False)
+    assert torch.equal(both.labels[1:], alone.labels)
+    torch.testing.assert_close(both.images[1:], alone.images, atol=BATCH_ATOL, rtol=0)
+    with pytest.raises(ValueError, match="use scheduler='rflow'"):
+        pipe.sample(1, seed=0, num_inference_steps=3, scheduler="ddim", progress=False)

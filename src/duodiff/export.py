@@ -137,7 +137,7 @@ def export_nnunet(
     num_synthetic: int | None = None,
     seed: int = 0,
     num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-    scheduler: str = DEFAULT_SCHEDULER,
+    scheduler: str | None = DEFAULT_SCHEDULER,
     batch_size: int = 4,
     device: str | None = None,
     dtype: str | None = None,
@@ -161,7 +161,7 @@ def export_nnunet(
             ``num_synthetic`` cases by name (default all).
         seed: first seed when generating (case ``i`` uses ``seed + i``).
         num_inference_steps: denoising steps per stage when generating.
-        scheduler: sampler when generating.
+        scheduler: sampler when generating (``None``: each stage's own, DDIM or ``rflow``).
         batch_size: pairs per generation call.
         device: device to load a model on (model folders and Hub ids; default: CPU).
         dtype: autocast dtype when generating.

@@ -225,7 +225,7 @@ class DuoDiffusion(HubMixin):
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
         num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-        scheduler: str = DEFAULT_SCHEDULER,
+        scheduler: str | None = DEFAULT_SCHEDULER,
         conditioning_scale: float = 1.0,
         dtype: str | torch.dtype | None = "auto",
         decode_tile_size: TileSize = "auto",
@@ -248,9 +248,11 @@ class DuoDiffusion(HubMixin):
             num_inference_steps: denoising steps per stage (``<= num_train_timesteps``; default
                 :data:`~duodiff.schedulers.DEFAULT_NUM_INFERENCE_STEPS` = 20: on the bundled model DDIM meets
                 the quality of DDIM-50 from 10 steps on, docs/performance.md).
-            scheduler: ``"ddim"`` (default), ``"ddpm"``, ``"pndm"``, or the few-step solvers ``"dpmsolver++"``
+            scheduler: ``None`` (default: each stage's own, ``"ddim"``, or ``"rflow"`` for a stage trained with
+                rectified flow), ``"ddim"``, ``"ddpm"``, ``"pndm"``, the few-step solvers ``"dpmsolver++"``
                 (DPM-Solver++ 2M) and ``"unipc"`` (UniPC), which need diffusers (``pip install
-                "duodiff[samplers]"``). All are built from the model's training schedule (:mod:`duodiff.schedulers`).
+                "duodiff[samplers]"``), or ``"rflow"``. All are built from the model's training schedule
+                (:mod:`duodiff.schedulers`).
             conditioning_scale: ControlNet residual multiplier in stage 2.
             dtype: autocast dtype: ``"auto"`` (default: the fastest dtype whose outputs match float32 within
                 :data:`duodiff.precision.TOLERANCE`, measured on the first call for this model, device and
@@ -320,7 +322,7 @@ class DuoDiffusion(HubMixin):
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
         num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-        scheduler: str = DEFAULT_SCHEDULER,
+        scheduler: str | None = DEFAULT_SCHEDULER,
         dtype: str | torch.dtype | None = "auto",
         class_volumes: ClassVolumes | None = None,
         guidance_scale: float = 1.0,
@@ -358,7 +360,7 @@ class DuoDiffusion(HubMixin):
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
         num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-        scheduler: str = DEFAULT_SCHEDULER,
+        scheduler: str | None = DEFAULT_SCHEDULER,
         conditioning_scale: float = 1.0,
         dtype: str | torch.dtype | None = "auto",
         decode_tile_size: TileSize = "auto",

@@ -196,7 +196,7 @@ def _run_stage(pipe: DuoDiffusion, stage: str, dtype: torch.dtype, condition: to
     device = pipe.device
     gens = stage_generators([0], stage)
     noise = initial_noise(gens, getattr(cfg, f"{stage}_latent_shape"), device)
-    sched = make_scheduler("ddim", cfg.schedule_of(stage))
+    sched = make_scheduler(None, cfg.schedule_of(stage))  # the stage's own sampler (DDIM, or rflow)
     sched.set_timesteps(num_steps, device=device)
     with torch.inference_mode(), autocast(device.type, dtype):
         _sync(device)

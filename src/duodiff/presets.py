@@ -62,10 +62,11 @@ def make_config(
         spacing: voxel size in mm.
         label_names: one name per class, background first.
         image_channels: image channels (MRI sequences).
-        prediction_type: ``"epsilon"`` or ``"v_prediction"``: the label UNet's, and the image side's unless the
-            next argument or the preset says otherwise.
-        image_prediction_type: ``"epsilon"`` or ``"v_prediction"`` for the image UNet and ControlNet (saved as
-            ``PipelineConfig.image_scheduler`` when it differs from ``prediction_type``); ``None`` = the preset's
+        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"rectified_flow"``: the label UNet's, and the image
+            side's unless the next argument or the preset says otherwise.
+        image_prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"rectified_flow"`` for the image UNet and
+            ControlNet (saved as ``PipelineConfig.image_scheduler`` when it differs from ``prediction_type``);
+            ``None`` = the preset's
             (:data:`IMAGE_PREDICTION_TYPES`: ``"v_prediction"`` for ``hippocampus`` and ``paper``, the same as
             ``prediction_type`` for ``tiny``).
         attributes: names of label-generation conditions (see :mod:`duodiff.attributes`);

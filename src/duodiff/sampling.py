@@ -167,6 +167,7 @@ def denoise(
     return x
 
 
-def is_stochastic(sampler: str) -> bool:
-    """Whether the sampler named ``sampler`` draws noise at each step."""
-    return sampler.lower() in STOCHASTIC_SAMPLERS
+def is_stochastic(sampler: str | None) -> bool:
+    """Whether the sampler named ``sampler`` draws noise at each step (``None``, each stage's own sampler, never
+    does: DDIM or rflow)."""
+    return sampler is not None and sampler.lower() in STOCHASTIC_SAMPLERS

@@ -84,7 +84,7 @@ class SamplingOptions:
     generator: torch.Generator | None = None
     batch_size: int | None = None
     num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS
-    scheduler: str = DEFAULT_SCHEDULER
+    scheduler: str | None = DEFAULT_SCHEDULER
     conditioning_scale: float = 1.0
     dtype: str | torch.dtype | None = "auto"
     decode_tile_size: TileSize = "auto"
@@ -299,9 +299,9 @@ def make_plan(pipe: DuoDiffusion, options: SamplingOptions) -> SamplingPlan:
     return SamplingPlan(options, new_scheduler, amp, values[:, cols], mask[:, cols], context, null_context)
 
 
-def stage_scheduler(pipe: DuoDiffusion, scheduler: str, num_inference_steps: int, kind: str) -> Sampler:
-    """A fresh ``scheduler`` sampler on the ``kind`` (``"label"`` / ``"image"``) training schedule of ``pipe``, with
-    ``num_inference_steps`` timesteps on its device."""
+def stage_scheduler(pipe: DuoDiffusion, scheduler: str | None, num_inference_steps: int, kind: str) -> Sampler:
+    """A fresh ``scheduler`` sampler (``None``: the stage's own, DDIM or rflow) on the ``kind`` (``"label"`` /
+    ``"image"``) training schedule of ``pipe``, with ``num_inference_steps`` timesteps on its device."""
     sched = make_scheduler(scheduler, pipe.config.schedule_of(kind))
     sched.set_timesteps(num_inference_steps, device=pipe.device)
     return sched

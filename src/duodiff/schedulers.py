@@ -16,12 +16,20 @@
   its last model call is at ``t = T / n``, so its result is the posterior mean there. With 50 or more steps a
   few steps near ``t = 0`` share an integer timestep.
 
-Multistep samplers (PNDM, DPM-Solver++, UniPC) keep the previous steps' model outputs: a scheduler serves one
+* ``"rflow"``: Euler steps along the learned velocity of a model trained with rectified flow
+  (``prediction_type="rectified_flow"``: Liu et al. 2023, "Flow Straight and Fast"; the objective of NVIDIA MAISI's
+  3D latent diffusion), MONAI's ``RFlowScheduler``. The only sampler of such a model; the other samplers are for
+  models trained with a noise schedule (``epsilon`` / ``v_prediction``).
+
+``scheduler=None`` (the default, :data:`DEFAULT_SCHEDULER`) means each stage's own sampler
+(:func:`default_sampler`): DDIM for a stage trained with a noise schedule, ``rflow`` for one trained with rectified
+flow. Multistep samplers (PNDM, DPM-Solver++, UniPC) keep the previous steps' model outputs: a scheduler serves one
 denoising run. Make a new one for every call of :func:`duodiff.sampling.denoise`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import SchedulerConfig
@@ -32,6 +40,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "SAMPLERS",
     "DEFAULT_SCHEDULER",
+    "RECTIFIED_FLOW",
+    "RFlowSampler",
+    "default_sampler",
+    "sampler_label",
+    "schedules",
     "DEFAULT_NUM_INFERENCE_STEPS",
     "REFERENCE_NUM_INFERENCE_STEPS",
     "STOCHASTIC_SAMPLERS",
@@ -44,14 +57,18 @@ __all__ = [
 ]
 
 #: Sampler names accepted by ``DuoDiffusion.sample(scheduler=...)`` and ``duodiff sample --scheduler``.
-SAMPLERS = ("ddpm", "ddim", "pndm", "dpmsolver++", "unipc")
+SAMPLERS = ("ddpm", "ddim", "pndm", "dpmsolver++", "unipc", "rflow")
+#: The ``prediction_type`` of a model trained with rectified flow (velocity ``x0 - noise`` on the straight path
+#: ``x_t = (1 - t/T) x0 + (t/T) noise``, MONAI's ``RFlowScheduler`` convention); ``"rflow"`` is its sampler.
+RECTIFIED_FLOW = "rectified_flow"
 #: The default sampler and step count of every generating entry point (``sample``, ``sample_labels``,
-#: ``generate_images``, the datasets, ``export``, ``duodiff sample`` / ``export``). Chosen by the quality-vs-steps
-#: sweep of ``benchmarks/bench_sampling.py`` (``benchmarks/results/bench_sampling_cpu.md``, docs/performance.md):
-#: DDIM meets equal quality with DDIM-50 from 10 steps on (label-volume medians within 5 %, pair consistency
-#: within 0.02, FID-2.5D within 10 %); the default takes twice that, 20, as a margin for harder models. DDIM is
-#: MONAI's, so the default needs no optional extra.
-DEFAULT_SCHEDULER = "ddim"
+#: ``generate_images``, the datasets, ``export``, ``duodiff sample`` / ``export``). ``None``: each stage's own
+#: (:func:`default_sampler`: DDIM, or ``rflow`` for a stage trained with rectified flow). Chosen by the
+#: quality-vs-steps sweep of ``benchmarks/bench_sampling.py`` (``benchmarks/results/bench_sampling_cpu.md``,
+#: docs/performance.md): DDIM meets equal quality with DDIM-50 from 10 steps on (label-volume medians within 5 %,
+#: pair consistency within 0.02, FID-2.5D within 10 %); the default takes twice that, 20, as a margin for harder
+#: models. DDIM is MONAI's, so the default needs no optional extra.
+DEFAULT_SCHEDULER: str | None = None
 DEFAULT_NUM_INFERENCE_STEPS = 20
 #: The reference sampler of quality measurements (``duodiff evaluate``, the benchmarks): every published number
 #: was measured with it, and the sweep compares each sampler against it.
@@ -104,28 +121,94 @@ class DiffusersSampler:
         return f"DiffusersSampler({type(self.scheduler).__name__})"
 
 
-def check_scheduler_name(name: str) -> str:
-    """The lower-case sampler name; ``ValueError`` if it is not one of :data:`SAMPLERS`."""
+class RFlowSampler:
+    """MONAI's ``RFlowScheduler`` behind duodiff's sampler contract: Euler steps along the predicted velocity.
+
+    ``step(v, t, x)`` moves ``x`` from ``t`` to the next of :attr:`timesteps` (0 after the last):
+    ``x + (t - t_next) / T * v``, exact for straight paths. Timesteps are ``round((1 - i/n) * T)``, ``i < n``.
+
+    Args:
+        cfg: the training schedule (``num_train_timesteps``; ``prediction_type`` must be ``"rectified_flow"``).
+    """
+
+    def __init__(self, cfg: SchedulerConfig) -> None:
+        from monai.networks.schedulers import RFlowScheduler
+
+        self.scheduler = RFlowScheduler(num_train_timesteps=cfg.num_train_timesteps, use_discrete_timesteps=True)
+        self._next: dict[int, int] = {}
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """int64 ``(num_inference_steps,)`` timesteps, first (``T``, pure noise) first."""
+        return self.scheduler.timesteps
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        ts = [int(t) for t in self.scheduler.timesteps.tolist()]
+        self._next = dict(zip(ts, [*ts[1:], 0]))
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """One Euler step: ``x_t`` (``sample``, float32 ``(B, C, h, w, d)``) -> ``x_{t_next}``, same shape, and the
+        clean-sample estimate."""
+        return self.scheduler.step(model_output, int(timestep), sample, self._next[int(timestep)])
+
+    def __repr__(self) -> str:
+        return "RFlowSampler(RFlowScheduler)"
+
+
+def check_scheduler_name(name: str | None) -> str | None:
+    """The lower-case sampler name (``None`` stays ``None``: each stage's own); ``ValueError`` if it is not one of
+    :data:`SAMPLERS`."""
+    if name is None:
+        return None
     key = name.lower() if isinstance(name, str) else name
     if key not in SAMPLERS:
-        raise ValueError(f"scheduler must be one of {list(SAMPLERS)}, got {name!r}.")
+        raise ValueError(f"scheduler must be one of {list(SAMPLERS)} or None (each stage's own), got {name!r}.")
     return key
 
 
-def make_scheduler(name: str, cfg: SchedulerConfig) -> Sampler:
+def default_sampler(cfg: SchedulerConfig) -> str:
+    """The sampler of a stage trained with ``cfg`` when none is asked for: ``"rflow"`` for rectified flow, else
+    ``"ddim"``."""
+    return "rflow" if cfg.prediction_type == RECTIFIED_FLOW else "ddim"
+
+
+def schedules(pipe: Any) -> tuple[SchedulerConfig, SchedulerConfig]:
+    """The label and image training schedules of a :class:`~duodiff.DuoDiffusion` model."""
+    return pipe.config.schedule_of("label"), pipe.config.schedule_of("image")
+
+
+def sampler_label(name: str | None, cfgs: Sequence[SchedulerConfig]) -> str:
+    """How a run's sampler is shown (``"DDIM"``, ``"RFLOW"``, ``"DDIM/RFLOW"``): ``name``, else each stage's own."""
+    names = [name] if name is not None else list(dict.fromkeys(default_sampler(c) for c in cfgs))
+    return "/".join(n.upper() for n in names)
+
+
+def make_scheduler(name: str | None, cfg: SchedulerConfig) -> Sampler:
     """A fresh sampler named ``name`` for the training schedule ``cfg``.
 
     Args:
-        name: one of :data:`SAMPLERS` (case-insensitive).
+        name: one of :data:`SAMPLERS` (case-insensitive), or ``None`` for :func:`default_sampler`.
         cfg: the schedule the UNets were trained with (``num_train_timesteps``, betas, ``prediction_type``).
 
     Raises:
-        ValueError: unknown ``name``.
+        ValueError: unknown ``name``, or a sampler that does not fit how the model was trained (``"rflow"`` for a
+            noise-schedule model, any other for a rectified-flow one).
         ImportError: ``"dpmsolver++"`` / ``"unipc"`` without diffusers installed; the message says what to install.
     """
     from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
     key = check_scheduler_name(name)
+    if key is None:
+        key = default_sampler(cfg)
+    if cfg.prediction_type == RECTIFIED_FLOW or key == "rflow":
+        if key != "rflow" or cfg.prediction_type != RECTIFIED_FLOW:
+            raise ValueError(
+                f"scheduler={key!r} cannot sample a model trained with prediction_type={cfg.prediction_type!r}: "
+                + ("use scheduler='rflow' (or leave it unset)." if key != "rflow" else
+                   "'rflow' samples models trained with rectified flow; use 'ddim' (or leave it unset).")
+            )
+        return RFlowSampler(cfg)
     common: dict[str, Any] = dict(
         num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule, prediction_type=cfg.prediction_type
     )

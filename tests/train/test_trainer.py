@@ -591,8 +591,60 @@ def test_image_prediction_type_trains_a_v_image_side_beside_an_epsilon_label_sid
     label_v = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, prediction_type="v_prediction"))
     with pytest.raises(ValueError, match=r"label side trained with prediction_type 'epsilon'.*new output_dir"):
         train(label_v, stages=["label_unet"])
-    with pytest.raises(ValueError, match=r"image_prediction_type must be 'epsilon' or 'v_prediction'"):
+    with pytest.raises(ValueError, match=r"image_prediction_type must be one of \['epsilon', 'v_prediction', "
+                                         r"'rectified_flow'\], got 'sample'"):
         dataclasses.replace(cfg.model, image_prediction_type="sample")
+
+
+def test_rectified_flow_trains_and_samples_with_rflow(dataset, tmp_path):
+    """[model] prediction_type = "rectified_flow" (both sides): every stage trains, the saved model records it,
+    samples with rflow by default (the same pairs as scheduler="rflow"), and refuses a noise-schedule sampler."""
+    import dataclasses
+
+    cfg = make_config(tmp_path, dataset, steps=2)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, prediction_type="rectified_flow",
+                                                             image_prediction_type="rectified_flow"))
+    model_dir = train(cfg)
+    for s in ("label_unet", "image_unet", "image_controlnet"):
+        assert all(np.isfinite(read_losses(tmp_path / "run", s)))
+    pipe = DuoDiffusion.from_pretrained(model_dir)
+    assert pipe.config.schedule_of("label").prediction_type == "rectified_flow"
+    assert pipe.config.schedule_of("image").prediction_type == "rectified_flow"
+    out = pipe.sample(2, seed=0, num_inference_steps=3, dtype="float32", progress=False)
+    assert out.images.shape == (2, 1, *SHAPE) and torch.isfinite(out.images).all()
+    assert torch.equal(out.labels, pipe.sample(2, seed=0, num_inference_steps=3, dtype="float32", progress=False,
+                                               scheduler="rflow").labels)
+    with pytest.raises(ValueError, match=r"scheduler='ddim' cannot sample a model trained with "
+                                         r"prediction_type='rectified_flow': use scheduler='rflow'"):
+        pipe.sample(1, seed=0, num_inference_steps=3, scheduler="ddim", progress=False)
+
+
+def test_rectified_flow_loss_regresses_the_straight_path_velocity():
+    """The diffusion loss of a rectified-flow stage: its target is z0 - noise for the noisy input
+    (1 - t/T) z0 + (t/T) noise, with t and noise from the step's seeded generator."""
+    from duodiff.config import SchedulerConfig
+    from duodiff.train.loop import StepContext
+    from duodiff.train.stages import diffusion_loss
+
+    z0 = torch.randn(3, 2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def forward(self, x, timesteps, context=None):
+            seen["x"], seen["t"] = x, timesteps
+            return torch.zeros_like(x)
+
+    loss_fn = diffusion_loss(z0, SchedulerConfig(prediction_type="rectified_flow"))
+    ctx = StepContext(step=0, indices=torch.arange(3), generator=torch.Generator().manual_seed(7),
+                      device=torch.device("cpu"))
+    loss, _ = loss_fn(Probe(), ctx)
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(z0.shape, generator=g)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    tau = (t.float() / 1000).view(-1, 1, 1, 1, 1)
+    assert torch.equal(seen["t"], t)
+    torch.testing.assert_close(seen["x"], (1 - tau) * z0 + tau * noise)
+    torch.testing.assert_close(loss, ((z0 - noise) ** 2).mean())
 
 
 def test_each_stage_has_one_trainer_class_and_an_unknown_stage_is_refused():

@@ -10,7 +10,8 @@ __all__ = ["DTYPE_CHOICES", "add_generation_arguments", "add_model_argument", "a
 
 #: ``--dtype`` choices of the commands that generate pairs (``auto``: :func:`duodiff.precision.choose_dtype`).
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-_SCHEDULER_HELP = "sampler (default ddim; dpmsolver++ and unipc need pip install \"duodiff[samplers]\")"
+_SCHEDULER_HELP = ("sampler (default: each stage's own, ddim, or rflow for a model trained with rectified flow; "
+                   "dpmsolver++ and unipc need pip install \"duodiff[samplers]\")")
 
 
 def positive_int(text: str) -> int:
@@ -60,12 +61,14 @@ def say(message: str, enabled: bool = True) -> None:
 def compute_note(device: str | None, dtype: str | None = None, *, scheduler: str | None = None,
                  steps: int | None = None) -> str:
     """``"DDIM-50, float32, cpu, 2 threads"``: how a phase computes, for :func:`say` lines (``dtype=None`` and no
-    ``scheduler`` / ``steps``: ``"cpu, 2 threads"``)."""
+    ``steps``: ``"cpu, 2 threads"``; ``scheduler=None`` with ``steps``: ``"50 steps of each stage's own sampler"``;
+    pass :func:`duodiff.schedulers.sampler_label` when the model is known)."""
     import torch
 
     parts = []
-    if scheduler is not None and steps is not None:
-        parts.append(f"{scheduler.upper()}-{steps}")
+    if steps is not None:
+        parts.append(f"{steps} steps of each stage's own sampler" if scheduler is None
+                     else f"{scheduler.upper()}-{steps}")
     if dtype is not None:
         parts.append(dtype)
     kind = torch.device(device or "cpu").type

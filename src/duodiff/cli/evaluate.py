@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.reading import DEFAULT_INTENSITY_PERCENTILES
     from ..metrics import PairSet, evaluate, load_pairs, parse_cases, read_label_names, write_report
+    from ..schedulers import sampler_label, schedules
     from ..segmenter import SliceSegmenter
 
     out = Path(args.out)
@@ -137,14 +138,16 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--synthetic volumes are {tuple(synthetic.images.shape[2:])} but the model makes "
                              f"{volume_shape}; drop --model or pass the model that made them.")
     else:
-        how = compute_note(args.device, args.dtype or "float32", scheduler=args.scheduler, steps=args.steps)
+        how = compute_note(args.device, args.dtype or "float32", steps=args.steps,
+                           scheduler=sampler_label(args.scheduler, schedules(pipe)))
         say(f"generating {args.num_samples} pair(s) ({how}, batch {args.batch_size}) ...", progress)
         result = pipe.sample(args.num_samples, seed=args.seed, num_inference_steps=args.steps,
                              scheduler=args.scheduler, batch_size=args.batch_size, dtype=args.dtype,
                              progress=progress)
         synthetic = PairSet(result.images, result.labels, tuple(result.spacing), result.names(),
                             {"seeds": result.seeds})
-        setup.update(synthetic_source="generated", num_inference_steps=args.steps, scheduler=args.scheduler,
+        setup.update(synthetic_source="generated", num_inference_steps=args.steps,
+                     scheduler=sampler_label(args.scheduler, schedules(pipe)).lower(),
                      dtype=args.dtype, first_seed=args.seed)
         if args.save_synthetic:
             result.save(out / "synthetic")

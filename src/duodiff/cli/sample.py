@@ -30,8 +30,9 @@ def add_parser(sub) -> None:
         dtype_help="autocast dtype (default auto: the fastest dtype whose output matches float32 within 5%%, timed on "
                    "first use of the model on this machine and cached; bfloat16 alone was 1.1x faster than float32 "
                    "on a 2-core Xeon, 1.8x on an AMD EPYC; docs/performance.md)",
-        scheduler_help="sampler (default ddim); dpmsolver++ and unipc are few-step solvers (10-20 steps) that need "
-                       "diffusers: pip install \"duodiff[samplers]\"")
+        scheduler_help="sampler (default: each stage's own, ddim, or rflow for a model trained with rectified flow); "
+                       "dpmsolver++ and unipc are few-step solvers (10-20 steps) that need diffusers: pip install "
+                       "\"duodiff[samplers]\"")
     p.add_argument("--prefix", default="duodiff", help="case-name prefix (default duodiff)")
     p.add_argument("--resume", action="store_true",
                    help="skip seeds whose label file already exists in OUT (after an interrupted run)")
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from ..decoding import parse_tile_size
     from ..distributed import DistributedContext, finalize_folder, init_distributed, is_torchrun
     from ..output import sample_name
+    from ..schedulers import sampler_label, schedules
 
     if not args.out.strip():
         raise ValueError("--out is empty (an unset shell variable?); pass the folder to write the pairs to.")
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_main:
             dist.barrier()
     how = compute_note(str(pipe.device), f"{dtype} ({args.dtype})" if dtype != args.dtype else dtype,
-                       scheduler=args.scheduler, steps=args.steps)
+                       scheduler=sampler_label(args.scheduler, schedules(pipe)), steps=args.steps)
     say(f"generating {len(seeds)} pair(s){who} ({how}, batch {args.batch_size}) into {out} ...", announce)
 
     bar = tqdm(total=len(seeds), desc="pairs", disable=args.no_progress or not dist.is_main)

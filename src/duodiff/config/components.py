@@ -155,7 +155,8 @@ class ControlNetConfig(UNetConfig):
 
 
 _SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
-_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: ``"rectified_flow"``: velocity ``x0 - noise`` on straight paths (MONAI ``RFlowScheduler``; the betas are unused).
+_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "rectified_flow")
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,10 @@ class SchedulerConfig(_Config):
 
     Every sampler (DDPM, DDIM, ...) chosen at sample time is built from this one schedule. ``schedule`` is a
     MONAI ``NoiseSchedules`` name; ``beta_start`` / ``beta_end`` apply to the ``*_beta`` schedules and are ignored
-    by ``"cosine"`` (Nichol & Dhariwal 2021, offset s = 0.008).
+    by ``"cosine"`` (Nichol & Dhariwal 2021, offset s = 0.008). ``prediction_type``: ``"epsilon"``,
+    ``"v_prediction"`` (Salimans & Ho 2022), ``"sample"``, or ``"rectified_flow"`` (Liu et al. 2023: the UNet
+    predicts the velocity ``x0 - noise`` on ``x_t = (1 - t/T) x0 + (t/T) noise``; no noise schedule, so
+    ``schedule`` and the betas are unused; sampled with ``"rflow"``).
     """
 
     _name: ClassVar[str] = "SchedulerConfig"

@@ -94,7 +94,8 @@ class PairGenerator:
     Args:
         pipe: the model. Generation runs on ``pipe.device``.
         num_inference_steps: denoising steps per stage.
-        scheduler: a sampler of :data:`duodiff.schedulers.SAMPLERS`.
+        scheduler: a sampler of :data:`duodiff.schedulers.SAMPLERS`, or ``None`` (default): each stage's own,
+            DDIM or ``rflow`` for rectified flow.
         dtype: autocast dtype; ``"auto"`` is resolved here, once, so every worker and the cache agree.
         conditioning_scale: ControlNet residual multiplier.
         sample_kwargs: extra ``DuoDiffusion.sample`` options (:data:`SAMPLE_KWARGS`).
@@ -106,7 +107,7 @@ class PairGenerator:
         pipe: DuoDiffusion,
         *,
         num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-        scheduler: str = DEFAULT_SCHEDULER,
+        scheduler: str | None = DEFAULT_SCHEDULER,
         dtype: str | torch.dtype | None = "auto",
         conditioning_scale: float = 1.0,
         sample_kwargs: dict[str, Any] | None = None,
@@ -123,7 +124,7 @@ class PairGenerator:
             )
         for kind in ("label", "image"):
             check_num_inference_steps(num_inference_steps, pipe.config.schedule_of(kind))
-        check_scheduler_name(scheduler)
+        scheduler = check_scheduler_name(scheduler)  # lower case; None = each stage's own (DDIM or rflow)
         check_num_threads(num_threads)
         unknown = sorted(set(sample_kwargs or {}) - set(SAMPLE_KWARGS))
         if unknown:
@@ -141,7 +142,7 @@ class PairGenerator:
         #: the settings that decide the pairs (part of the cache fingerprint)
         self.generation: dict[str, Any] = {
             "num_inference_steps": int(num_inference_steps),
-            "scheduler": str(scheduler),
+            "scheduler": scheduler,
             "dtype": None if dtype is None else str(dtype),
             "conditioning_scale": float(conditioning_scale),
         }

@@ -94,7 +94,7 @@ class StreamingSyntheticPairDataset(GeneratorBacked, IterableDataset):
         *,
         seed: int = 0,
         num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-        scheduler: str = DEFAULT_SCHEDULER,
+        scheduler: str | None = DEFAULT_SCHEDULER,
         dtype: str | torch.dtype | None = "auto",
         conditioning_scale: float = 1.0,
         transform: Callable[[dict[str, Any]], Any] | None = None,

@@ -74,7 +74,8 @@ class SyntheticPairDataset(GeneratorBacked, Dataset, metaclass=abc.ABCMeta):
         num_samples: number of pairs (``None``: an endless stream, see above).
         seed: seed of item 0.
         num_inference_steps: denoising steps per stage.
-        scheduler: a sampler of :data:`duodiff.schedulers.SAMPLERS` (``"ddim"``, ``"dpmsolver++"``, ...).
+        scheduler: a sampler of :data:`duodiff.schedulers.SAMPLERS` (``"ddim"``, ``"dpmsolver++"``, ...), or
+            ``None`` (default): each stage's own, DDIM or ``rflow`` for a stage trained with rectified flow.
         dtype: autocast dtype for generation: ``"auto"`` (default; the fastest dtype within tolerance of float32,
             :mod:`duodiff.precision`), ``None``/``"float32"``, ``"bfloat16"``, ``"float16"``. ``"auto"`` is resolved
             once, here, with ``num_threads`` threads, so every worker and the cache use the same dtype; the
@@ -120,7 +121,7 @@ class SyntheticPairDataset(GeneratorBacked, Dataset, metaclass=abc.ABCMeta):
         *,
         seed: int = 0,
         num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-        scheduler: str = DEFAULT_SCHEDULER,
+        scheduler: str | None = DEFAULT_SCHEDULER,
         dtype: str | torch.dtype | None = "auto",
         conditioning_scale: float = 1.0,
         transform: Callable[[dict[str, Any]], Any] | None = None,

@@ -17,6 +17,9 @@ from ..config import ConfigError, _Config
 __all__ = ["DataConfig", "ModelConfig", "StageConfig", "TrainConfig", "load_train_config", "STAGES", "STAGE_DEFAULTS",
            "stage_config"]
 
+#: ``[model] prediction_type`` values duodiff trains: noise-schedule objectives and rectified flow.
+TRAINABLE_PREDICTION_TYPES = ("epsilon", "v_prediction", "rectified_flow")
+
 #: Training stages in dependency order (each is also a pipeline component name).
 STAGES = ("label_autoencoder", "image_autoencoder", "label_unet", "image_unet", "image_controlnet")
 
@@ -86,7 +89,8 @@ class ModelConfig(_Config):
         preset: ``"tiny"``, ``"hippocampus"`` or ``"paper"``.
         volume_shape: ``(H, W, D)`` crop/pad size in voxels (empty = preset default).
         label_names: class names, background first (empty = from ``dataset.json``).
-        prediction_type: ``"epsilon"`` or ``"v_prediction"`` (both diffusion UNets, unless the next key is set).
+        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"rectified_flow"`` (both diffusion UNets, unless
+            the next key is set; rectified flow is sampled with ``scheduler="rflow"``, the default for such a model).
         image_prediction_type: the image UNet's and ControlNet's prediction type when it differs from
             ``prediction_type`` (saved as the model's ``image_scheduler``); empty = the preset's
             (:data:`duodiff.presets.IMAGE_PREDICTION_TYPES`: ``"v_prediction"`` for ``hippocampus`` and ``paper``,
@@ -135,8 +139,8 @@ class ModelConfig(_Config):
             )
         for key in ("prediction_type", "image_prediction_type"):
             value = getattr(self, key)
-            if value not in ("epsilon", "v_prediction") and not (key == "image_prediction_type" and value == ""):
-                raise ConfigError(f"[model].{key} must be 'epsilon' or 'v_prediction', got {value!r}.")
+            if value not in TRAINABLE_PREDICTION_TYPES and not (key == "image_prediction_type" and value == ""):
+                raise ConfigError(f"[model].{key} must be one of {list(TRAINABLE_PREDICTION_TYPES)}, got {value!r}.")
         for comp in self.init_components:
             if getattr(self, comp):
                 raise ConfigError(f"[model.{comp}] changes a component that init_components takes from "

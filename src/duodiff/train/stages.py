@@ -15,7 +15,7 @@ from torch import nn
 
 from ..attributes import make_context
 from ..sampling import model_output
-from ..schedulers import make_scheduler
+from ..schedulers import RECTIFIED_FLOW, make_scheduler
 from .loop import StepContext
 
 __all__ = ["random_patches", "AutoencoderStep", "ControlledUNet", "autoencoder_loss", "label_autoencoder_loss",
@@ -262,7 +262,9 @@ def diffusion_loss(
     context_dim: int | None = None,
     condition_dropout: float = 0.0,
 ):
-    """Denoising loss on cached scaled latents ``(N, C, h, w, d)``.
+    """Denoising loss on cached scaled latents ``(N, C, h, w, d)``: the MSE of the UNet's prediction of the noise
+    (``epsilon``), of ``v`` (``v_prediction``) or, for ``rectified_flow`` (Liu et al. 2023), of the velocity
+    ``z0 - noise`` at ``z_t = (1 - t/T) z0 + (t/T) noise``; ``t`` uniform in ``0 .. T-1``.
 
     Args:
         one_hot: ``(N, K, H, W, D)`` ControlNet condition (image_controlnet stage).
@@ -271,13 +273,19 @@ def diffusion_loss(
             network also learns the unconditional model used by classifier-free guidance.
         context_dim: the UNet's ``cross_attention_dim``.
     """
-    scheduler = make_scheduler("ddpm", scheduler_cfg)
     T = scheduler_cfg.num_train_timesteps
     prediction = scheduler_cfg.prediction_type
+    flow = prediction == RECTIFIED_FLOW
+    # rectified flow: MONAI's RFlowScheduler (straight paths); otherwise the DDPM noise schedule
+    scheduler = make_scheduler("rflow" if flow else "ddpm", scheduler_cfg)
+    if flow:
+        scheduler = scheduler.scheduler
 
     def loss_fn(model: nn.Module, ctx: StepContext):
         z0 = latents[ctx.indices].to(ctx.device)
         noise = torch.randn(z0.shape, generator=ctx.generator).to(ctx.device)
+        # t uniform in 0..T-1 for both objectives (for rectified flow: RFlowScheduler's uniform discrete
+        # sampling, drawn here from the seeded generator)
         t = torch.randint(0, T, (z0.shape[0],), generator=ctx.generator).to(ctx.device)
         zt = scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
         if attributes is not None:
@@ -290,7 +298,12 @@ def diffusion_loss(
             pred = model(x=zt, timesteps=t)
         else:
             pred = model(zt, t, one_hot[ctx.indices].to(ctx.device))
-        target = noise if prediction == "epsilon" else scheduler.get_velocity(z0, noise, t)
+        if flow:
+            target = z0 - noise  # the velocity of x_t = (1 - t/T) z0 + (t/T) noise, towards the data
+        elif prediction == "epsilon":
+            target = noise
+        else:
+            target = scheduler.get_velocity(z0, noise, t)
         mse = F.mse_loss(pred.float(), target)
         return mse, {}
 
