@@ -43,6 +43,14 @@ OP_CATEGORIES = (
 )
 
 
+def without_machine_paths(text: str) -> str:
+    """``text`` with this checkout's and the environment's folders cut (no machine paths in committed results)."""
+    import sysconfig
+
+    purelib = sysconfig.get_paths()["purelib"]
+    return text.replace(purelib + "/", "site-packages/").replace(str(Path(__file__).resolve().parents[1]) + "/", "")
+
+
 def op_category(name: str) -> str:
     low = name.lower()
     for cat, keys in OP_CATEGORIES:
@@ -241,7 +249,7 @@ def main(argv=None) -> int:
     timer.remove()
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text("\n".join(lines) + "\n")
+    out_path.write_text(without_machine_paths("\n".join(lines) + "\n"))
     for dtype, wall, frac in summary:
         verdict = "met" if frac >= 0.70 else "NOT met"
         print(f"PROFILE {dtype}: {wall:.2f} s per sample() call of {args.batch_size} pair(s), {frac:.1%} of wall "

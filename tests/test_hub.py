@@ -415,3 +415,14 @@ def test_push_to_hub_offline_fails_clearly(tmp_path):
     assert "RAISED OfflineModeIsEnabled" in proc.stdout
     assert "HF_HUB_OFFLINE" in proc.stdout  # the message says how to go online
     assert "LEFT []" in proc.stdout  # the temporary save was cleaned up
+
+
+def test_a_saved_models_card_snippet_runs_as_written(tiny_model_dir):
+    """The card save_pretrained writes holds a snippet that runs once its placeholder names the folder."""
+    card = (tiny_model_dir / "README.md").read_text()
+    start = card.index("```python\n") + len("```python\n")
+    snippet = card[start:card.index("```", start)]
+    assert '"<this repo or folder>"' in snippet
+    scope: dict = {}
+    exec(snippet.replace('"<this repo or folder>"', repr(str(tiny_model_dir))), scope)
+    assert scope["out"].images.shape[0] == 4 and scope["out"].labels.shape[0] == 4
