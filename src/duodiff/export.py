@@ -33,7 +33,7 @@ from .data.dataset_json import read_channel_names, read_label_names
 from .data.layout import Case, find_cases
 from .data.reading import read_case
 from .io import NIFTI_SUFFIX, chmod_as_new, nnunet_dataset_json, write_json
-from .schedulers import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SCHEDULER
+from .schedulers import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SCHEDULER, check_sampler_fits
 
 __all__ = ["read_dataset_meta", "export_nnunet", "NnunetExport"]
 
@@ -236,6 +236,7 @@ def export_nnunet(
     if pipe is not None:
         if num_synthetic is None:
             raise ValueError("Generating from a model needs num_synthetic (-n N), the number of pairs to make.")
+        check_sampler_fits(scheduler, pipe)  # before the dataset folder exists
         syn_labels = tuple(pipe.config.label_names)
         syn_channels = None
     if label_names is None:

@@ -44,6 +44,7 @@ __all__ = [
     "RFlowSampler",
     "default_sampler",
     "sampler_label",
+    "check_sampler_fits",
     "schedules",
     "DEFAULT_NUM_INFERENCE_STEPS",
     "REFERENCE_NUM_INFERENCE_STEPS",
@@ -176,6 +177,13 @@ def default_sampler(cfg: SchedulerConfig) -> str:
 def schedules(pipe: Any) -> tuple[SchedulerConfig, SchedulerConfig]:
     """The label and image training schedules of a :class:`~duodiff.DuoDiffusion` model."""
     return pipe.config.schedule_of("label"), pipe.config.schedule_of("image")
+
+
+def check_sampler_fits(name: str | None, pipe: Any) -> None:
+    """Raise the ``ValueError`` of :func:`make_scheduler` now if sampler ``name`` does not fit how a stage of
+    ``pipe`` was trained (commands call it before they write or announce anything)."""
+    for cfg in schedules(pipe):
+        make_scheduler(name, cfg)
 
 
 def sampler_label(name: str | None, cfgs: Sequence[SchedulerConfig]) -> str:

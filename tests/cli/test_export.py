@@ -48,3 +48,14 @@ def test_cli_export_nnunet(real_dir, tiny_model_dir, tmp_path):
     again = run_cli(args)
     assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
+
+
+def test_export_refuses_a_sampler_that_does_not_fit_the_model_before_writing(real_dir, tiny_model_dir, tmp_path,
+                                                                             capsys):
+    out = tmp_path / "raw"
+    code, _, err = call_main(["export", "nnunet", "--real", str(real_dir), "--synthetic", str(tiny_model_dir),
+                              "-n", "1", "--steps", "2", "--scheduler", "rflow", "--dataset-id", "5", "--name", "X",
+                              "--out", str(out),
+                              "--no-progress"], capsys)
+    assert_error(code, err, "scheduler='rflow' cannot sample a model trained with prediction_type='epsilon'")
+    assert not out.exists()

@@ -183,3 +183,14 @@ def test_out_is_a_file(tiny_model_dir, tmp_path, capsys):
                                 "--no-progress"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "is not a folder" in err and blocker.read_text() == "x"
+
+
+def test_sampler_that_does_not_fit_the_model_is_refused_before_any_output(tiny_model_dir, tmp_path, capsys):
+    """--scheduler rflow on a noise-schedule model: one line, exit 2, after loading the model but before the
+    'generating' line, the progress bar or the --out folder."""
+    out = tmp_path / "o"
+    code, _, err = call_main(["sample", "-m", str(tiny_model_dir), "-n", "1", "--steps", "2", "--scheduler", "rflow",
+                              "--out", str(out), "--no-progress"], capsys)
+    assert_error(code, err, "scheduler='rflow' cannot sample a model trained with prediction_type='epsilon'",
+                 "use 'ddim' (or leave it unset)")
+    assert not out.exists()

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.reading import DEFAULT_INTENSITY_PERCENTILES
     from ..metrics import PairSet, evaluate, load_pairs, parse_cases, read_label_names, write_report
-    from ..schedulers import sampler_label, schedules
+    from ..schedulers import check_sampler_fits, sampler_label, schedules
     from ..segmenter import SliceSegmenter
 
     out = Path(args.out)
@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if args.synthetic is None or args.model is not None:
         pipe = load_model(args, device=args.device, announce=progress)
         setup["model"] = str(args.model) if args.model is not None else "bundled"
+        if args.synthetic is None:
+            check_sampler_fits(args.scheduler, pipe)  # before reading the real pairs
 
     # 2. real pairs on the model's grid (read first so that a bad folder fails before generation)
     t = time.perf_counter()

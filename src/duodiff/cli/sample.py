@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from ..decoding import parse_tile_size
     from ..distributed import DistributedContext, finalize_folder, init_distributed, is_torchrun
     from ..output import sample_name
-    from ..schedulers import sampler_label, schedules
+    from ..schedulers import check_sampler_fits, sampler_label, schedules
 
     if not args.out.strip():
         raise ValueError("--out is empty (an unset shell variable?); pass the folder to write the pairs to.")
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # refuse impossible volumes before writing anything; sample() warns
         warnings.simplefilter("ignore")
         pipe.check_class_volumes(class_volumes)
+    check_sampler_fits(args.scheduler, pipe)  # before any output
     qc = None
     if args.qc:
         from ..segmenter import SliceSegmenter
