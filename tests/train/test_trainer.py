@@ -657,3 +657,29 @@ def test_each_stage_has_one_trainer_class_and_an_unknown_stage_is_refused():
                      "image_controlnet": ControlNetStage("image")}
     with pytest.raises(ValueError, match=r"Unknown stage 'image_vae'\. Stages are \['label_autoencoder'"):
         make_stage("image_vae")
+
+
+def test_init_from_can_take_the_image_autoencoder_too(tmp_path, dataset):
+    """init_components = [label_autoencoder, label_unet, image_autoencoder]: only the image UNet and ControlNet
+    are trained (here with rectified flow), on the taken latent; another image autoencoder or another intensity
+    normalisation is refused."""
+    first = make_config(tmp_path / "first", dataset, steps=2)
+    base_dir = train(first, stages=["label_autoencoder", "label_unet", "image_autoencoder"])
+    base = DuoDiffusion.from_pretrained(base_dir)
+    model = {"preset": "tiny", "volume_shape": list(SHAPE), "init_from": str(base_dir),
+             "init_components": ["label_autoencoder", "label_unet", "image_autoencoder"],
+             "image_prediction_type": "rectified_flow"}
+    cfg = TrainConfig.from_dict({**make_config(tmp_path, dataset, steps=2).to_dict(), "model": model})
+    model_dir = train(cfg, stages=["image_unet", "image_controlnet"])
+    pipe = DuoDiffusion.from_pretrained(model_dir)
+    for k, v in base.image_autoencoder.state_dict().items():
+        assert torch.equal(pipe.image_autoencoder.state_dict()[k], v), k
+    assert pipe.config.image_scale_factor == base.config.image_scale_factor
+    assert pipe.config.schedule_of("image").prediction_type == "rectified_flow"
+    stages = json.loads((tmp_path / "run" / "logs" / "stages.json").read_text())
+    assert stages["image_autoencoder"]["init_from"] == str(base_dir) and stages["image_controlnet"]["finished"]
+    assert pipe.sample(1, seed=0, num_inference_steps=2, dtype="float32", progress=False).images.shape[0] == 1
+    other = TrainConfig.from_dict({**cfg.to_dict(), "output_dir": str(tmp_path / "o1"), "model": model,
+                                   "data": {**cfg.data.to_dict(), "intensity_percentiles": [1.0, 99.0]}})
+    with pytest.raises(ValueError, match=r"intensity percentiles \(0.5, 99.5\).*Use \[0.5, 99.5\]"):
+        train(other, stages=["image_unet"])

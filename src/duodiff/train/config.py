@@ -129,13 +129,15 @@ class ModelConfig(_Config):
     def validate(self) -> None:
         import dataclasses
 
-        allowed_init = (("label_autoencoder",), ("label_autoencoder", "label_unet"))
+        allowed_init = (("label_autoencoder",), ("label_autoencoder", "label_unet"),
+                        ("label_autoencoder", "label_unet", "image_autoencoder"))
         if bool(self.init_from) != bool(self.init_components) or (
             self.init_components and tuple(self.init_components) not in allowed_init
         ):
             raise ConfigError(
                 f"[model].init_from={self.init_from!r} with init_components={list(self.init_components)}: set both, "
-                f"with init_components one of {[list(c) for c in allowed_init]} (a label UNet needs its autoencoder)."
+                f"with init_components one of {[list(c) for c in allowed_init]} (a label UNet needs its autoencoder; "
+                "the image autoencoder comes with the whole label side)."
             )
         for key in ("prediction_type", "image_prediction_type"):
             value = getattr(self, key)

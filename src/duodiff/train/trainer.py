@@ -200,6 +200,21 @@ class Trainer:
             changes.update(label_unet=sc.label_unet, attributes=sc.attributes, attribute_mean=sc.attribute_mean,
                            attribute_std=sc.attribute_std, scheduler=sc.scheduler,
                            image_scheduler=None if image == sc.scheduler else image)
+        if "image_autoencoder" in m.init_components:
+            # the image UNet and ControlNet of this run are built on the taken latent, normalised as it was trained
+            wanted = tuple(float(v) for v in self.cfg.data.intensity_percentiles)
+            got = tuple(sc.intensity_percentiles) if sc.intensity_percentiles is not None else (0.5, 99.5)
+            if got != wanted:
+                raise ValueError(
+                    f"[model].init_from {m.init_from!r} has an image autoencoder trained on images normalised with "
+                    f"intensity percentiles {got}, but [data].intensity_percentiles is {wanted}. Use {list(got)}."
+                )
+            if sc.image_autoencoder != pc.image_autoencoder:  # this run's image UNet / ControlNet are built for it
+                raise ValueError(
+                    f"[model].init_from {m.init_from!r} has another image autoencoder ({sc.image_autoencoder}) than "
+                    f"this run's preset builds ({pc.image_autoencoder}). Use the preset that model was trained with."
+                )
+            changes.update(image_scale_factor=sc.image_scale_factor)
         comps = pipe.components() | {c: getattr(src, c) for c in m.init_components}
         info = {"finished": True, "steps": 0, "seconds": 0.0, "init_from": m.init_from}
         if self.di.is_main:
@@ -292,7 +307,8 @@ class Trainer:
                 self.skipped.append(stage)
                 continue
             need = _DEPENDS.get(stage)
-            if need and not done.get(need, {}).get("finished") and need not in todo:
+            taken = need in self.cfg.model.init_components  # comes trained from [model].init_from
+            if need and not done.get(need, {}).get("finished") and need not in todo and not taken:
                 raise ValueError(f"Stage {stage!r} needs a trained {need!r} first: run `--stage {need}` (or 'all').")
             _ = self.data  # read the data (and print its summary) before announcing the stage
             if self.is_main and self.cfg.progress:  # like the progress bars: progress = false hides it
