@@ -683,3 +683,35 @@ def test_init_from_can_take_the_image_autoencoder_too(tmp_path, dataset):
                                    "data": {**cfg.data.to_dict(), "intensity_percentiles": [1.0, 99.0]}})
     with pytest.raises(ValueError, match=r"intensity percentiles \(0.5, 99.5\).*Use \[0.5, 99.5\]"):
         train(other, stages=["image_unet"])
+
+
+def test_init_from_can_take_the_image_side(tmp_path, dataset):
+    """init_components = the image side (autoencoder, UNet, ControlNet): only the label side is trained, here with
+    another prediction type than the taken image side's; the image networks, scale factor and schedule stay, and an
+    image side trained with another prediction type than [model] asks for is refused."""
+    first = make_config(tmp_path / "first", dataset, steps=2)
+    base_dir = train(first, stages=["image_autoencoder", "image_unet", "image_controlnet"])
+    base = DuoDiffusion.from_pretrained(base_dir)
+    image_side = ["image_autoencoder", "image_unet", "image_controlnet"]
+    model = {"preset": "tiny", "volume_shape": list(SHAPE), "init_from": str(base_dir),
+             "init_components": image_side, "prediction_type": "v_prediction",
+             "image_prediction_type": base.config.schedule_of("image").prediction_type}
+    cfg = TrainConfig.from_dict({**make_config(tmp_path, dataset, steps=2).to_dict(), "model": model})
+    model_dir = train(cfg, stages=["label_autoencoder", "label_unet"])
+    pipe = DuoDiffusion.from_pretrained(model_dir)
+    for name in image_side:
+        for k, v in getattr(base, name).state_dict().items():
+            assert torch.equal(getattr(pipe, name).state_dict()[k], v), (name, k)
+    assert pipe.config.image_scale_factor == base.config.image_scale_factor
+    assert pipe.config.schedule_of("image") == base.config.schedule_of("image")
+    assert pipe.config.schedule_of("label").prediction_type == "v_prediction"
+    stages = json.loads((tmp_path / "run" / "logs" / "stages.json").read_text())
+    assert all(stages[n]["init_from"] == str(base_dir) for n in image_side) and stages["label_unet"]["finished"]
+    assert pipe.sample(1, seed=0, num_inference_steps=2, dtype="float32", progress=False).images.shape[0] == 1
+    other = TrainConfig.from_dict({**cfg.to_dict(), "output_dir": str(tmp_path / "o1"),
+                                   "model": {**model, "image_prediction_type": "rectified_flow"}})
+    with pytest.raises(ValueError, match=r"image side trained with prediction_type '(epsilon|v_prediction)', but "
+                                         r"\[model\] asks for 'rectified_flow'"):
+        train(other, stages=["label_autoencoder"])
+    with pytest.raises(ValueError, match="init_components one of"):
+        TrainConfig.from_dict({**cfg.to_dict(), "model": {**model, "init_components": ["image_unet"]}})

@@ -107,8 +107,10 @@ class ModelConfig(_Config):
             ``init_components`` this run starts from, trained: their configs, weights, latent scale factors and
             (for ``label_unet``) attribute statistics are copied and their stages count as finished. Used to
             retrain one side of a model with a new recipe while keeping the other.
-        init_components: components taken from ``init_from``: ``["label_autoencoder", "label_unet"]`` (the label
-            side) or ``["label_autoencoder"]``; the image side is always built from the preset and its tables.
+        init_components: components taken from ``init_from``: ``["label_autoencoder"]``, ``["label_autoencoder",
+            "label_unet"]`` (the label side), the label side and ``"image_autoencoder"``, or ``["image_autoencoder",
+            "image_unet", "image_controlnet"]`` (the image side: retrain the label side with a new recipe while
+            keeping a trained model's images). Components not taken are built from the preset and its tables.
     """
 
     _name: ClassVar[str] = "[model]"
@@ -130,21 +132,22 @@ class ModelConfig(_Config):
         import dataclasses
 
         allowed_init = (("label_autoencoder",), ("label_autoencoder", "label_unet"),
-                        ("label_autoencoder", "label_unet", "image_autoencoder"))
+                        ("label_autoencoder", "label_unet", "image_autoencoder"),
+                        ("image_autoencoder", "image_unet", "image_controlnet"))
         if bool(self.init_from) != bool(self.init_components) or (
             self.init_components and tuple(self.init_components) not in allowed_init
         ):
             raise ConfigError(
                 f"[model].init_from={self.init_from!r} with init_components={list(self.init_components)}: set both, "
                 f"with init_components one of {[list(c) for c in allowed_init]} (a label UNet needs its autoencoder; "
-                "the image autoencoder comes with the whole label side)."
+                "the image autoencoder comes with the whole label side, or the image UNet and ControlNet with it)."
             )
         for key in ("prediction_type", "image_prediction_type"):
             value = getattr(self, key)
             if value not in TRAINABLE_PREDICTION_TYPES and not (key == "image_prediction_type" and value == ""):
                 raise ConfigError(f"[model].{key} must be one of {list(TRAINABLE_PREDICTION_TYPES)}, got {value!r}.")
         for comp in self.init_components:
-            if getattr(self, comp):
+            if getattr(self, comp, None):  # image_controlnet has no [model.*] table
                 raise ConfigError(f"[model.{comp}] changes a component that init_components takes from "
                                   f"{self.init_from!r}; remove one of them.")
 

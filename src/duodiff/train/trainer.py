@@ -193,7 +193,9 @@ class Trainer:
                 + ", ".join(f"{k} {a} there vs {b} here" for k, a, b in bad)
                 + ". Use a model trained on this dataset and volume_shape."
             )
-        changes: dict = {"label_autoencoder": sc.label_autoencoder, "label_scale_factor": sc.label_scale_factor}
+        changes: dict = {}
+        if "label_autoencoder" in m.init_components:
+            changes.update(label_autoencoder=sc.label_autoencoder, label_scale_factor=sc.label_scale_factor)
         if "label_unet" in m.init_components:
             # the label UNet keeps the schedule it was trained with; the image side keeps this run's
             image = pc.schedule_of("image")
@@ -209,7 +211,21 @@ class Trainer:
                     f"[model].init_from {m.init_from!r} has an image autoencoder trained on images normalised with "
                     f"intensity percentiles {got}, but [data].intensity_percentiles is {wanted}. Use {list(got)}."
                 )
-            if sc.image_autoencoder != pc.image_autoencoder:  # this run's image UNet / ControlNet are built for it
+            if "image_unet" in m.init_components:
+                # the whole image side: its networks and the schedule they were trained with; the label UNet keeps
+                # this run's
+                image, label = sc.schedule_of("image"), pc.schedule_of("label")
+                if image.prediction_type != pc.schedule_of("image").prediction_type:
+                    raise ValueError(
+                        f"[model].init_from {m.init_from!r} has an image side trained with prediction_type "
+                        f"{image.prediction_type!r}, but [model] asks for {pc.schedule_of('image').prediction_type!r} "
+                        f"(image_prediction_type, else the preset's). Set [model] image_prediction_type = "
+                        f"{image.prediction_type!r}."
+                    )
+                changes.update(image_autoencoder=sc.image_autoencoder, image_unet=sc.image_unet,
+                               image_controlnet=sc.image_controlnet, scheduler=label,
+                               image_scheduler=None if image == label else image)
+            elif sc.image_autoencoder != pc.image_autoencoder:  # this run's image UNet / ControlNet are built for it
                 raise ValueError(
                     f"[model].init_from {m.init_from!r} has another image autoencoder ({sc.image_autoencoder}) than "
                     f"this run's preset builds ({pc.image_autoencoder}). Use the preset that model was trained with."
