@@ -18,7 +18,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -26,7 +25,6 @@ def check(model: str, data: str, split: str, subset: str, *, resample: bool, num
           seed: int, batch_size: int, dtype: str) -> dict:
     """Sample ``num_samples`` label maps and compare them with the ``subset`` cases; returns the summary dict."""
     from duodiff import DuoDiffusion
-    from duodiff.metrics.labels import label_statistics
     from duodiff.train.data import load_split_cases
 
     pipe = DuoDiffusion.from_pretrained(model)
@@ -38,23 +36,31 @@ def check(model: str, data: str, split: str, subset: str, *, resample: bool, num
     synth = pipe.sample_labels(num_samples, seed=seed, num_inference_steps=steps, batch_size=batch_size,
                                dtype=dtype, progress=False)
     seconds = time.perf_counter() - t0
-    stats = label_statistics(real.long(), synth, num_classes=c.num_classes, label_names=c.label_names)
+    return {"model": model, "subset": subset, "num_real": len(names), "num_samples": num_samples,
+            "num_inference_steps": steps, "seed": seed, "dtype": dtype, "seconds": round(seconds, 1),
+            **compare(real.long(), synth, c.label_names)}
+
+
+def compare(real: torch.Tensor, synthetic: torch.Tensor, label_names: list[str] | tuple[str, ...]) -> dict:
+    """``{"all_classes_fraction", "classes": {name: {...}}}`` for int label maps ``real`` ``(N, 1, H, W, D)`` and
+    ``synthetic`` ``(M, 1, H, W, D)``: median volumes (voxels), their difference (%), one-component shares."""
+    from duodiff.metrics.labels import label_statistics
+
+    stats = label_statistics(real, synthetic, num_classes=len(label_names), label_names=label_names)
     rows = {}
-    for k, name in enumerate(c.label_names[1:], start=1):
-        vr = (real.long()[:, 0] == k).flatten(1).sum(1).float().numpy()
-        vs = (synth[:, 0] == k).flatten(1).sum(1).float().numpy()
-        comp = stats["classes"][name].get("components", {})
+    for name in label_names[1:]:  # spacing 1: volumes in voxels
+        entry = stats["classes"][name]
+        vr, vs = entry["volume_mm3"]["real"]["median"], entry["volume_mm3"]["synthetic"]["median"]
+        comp = entry.get("components", {})
         rows[name] = {
-            "real_median_voxels": float(np.median(vr)),
-            "synthetic_median_voxels": float(np.median(vs)),
-            "difference_percent": float(100 * (np.median(vs) / np.median(vr) - 1)),
+            "real_median_voxels": vr,
+            "synthetic_median_voxels": vs,
+            "difference_percent": 100 * (vs / vr - 1) if vr > 0 else None,
             "single_component_real": comp.get("real", {}).get("fraction_single"),
             "single_component_synthetic": comp.get("synthetic", {}).get("fraction_single"),
             "mean_components_synthetic": comp.get("synthetic", {}).get("mean"),
         }
-    return {"model": model, "subset": subset, "num_real": len(names), "num_samples": num_samples,
-            "num_inference_steps": steps, "seed": seed, "dtype": dtype, "seconds": round(seconds, 1),
-            "all_classes_fraction": stats["all_classes_fraction"], "classes": rows}
+    return {"all_classes_fraction": stats["all_classes_fraction"], "classes": rows}
 
 
 def to_markdown(r: dict) -> str:
@@ -66,9 +72,15 @@ def to_markdown(r: dict) -> str:
     for name, x in r["classes"].items():
         def pct(v):
             return "n/a" if v is None else f"{100 * v:.0f} %"
+
+        def diff(v):
+            return "n/a" if v is None else f"{v:+.1f} %"
+
+        def num(v):  # None: no scipy / scikit-image for connected components
+            return "n/a" if v is None else f"{v:.2f}"
         lines.append(f"| {name} | {x['real_median_voxels']:.0f} | {x['synthetic_median_voxels']:.0f} | "
-                     f"{x['difference_percent']:+.1f} % | {pct(x['single_component_real'])} / "
-                     f"{pct(x['single_component_synthetic'])} | {x['mean_components_synthetic']:.2f} |")
+                     f"{diff(x['difference_percent'])} | {pct(x['single_component_real'])} / "
+                     f"{pct(x['single_component_synthetic'])} | {num(x['mean_components_synthetic'])} |")
     a = r["all_classes_fraction"]
     lines += ["", f"Maps holding every class: real {100 * a['real']:.0f} %, synthetic {100 * a['synthetic']:.0f} %."]
     return "\n".join(lines) + "\n"

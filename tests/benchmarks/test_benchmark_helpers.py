@@ -141,3 +141,23 @@ def test_profile_op_categories_and_gain_table():
     assert table[1].split()[:2] == ["convolution", "4.000"] and table[1].endswith("4.00x")
     assert table[2].startswith("group norm") and table[2].endswith("0.50x")
     assert table[-1].startswith("total") and table[-1].endswith("1.67x")
+
+
+def test_label_side_check_compares_median_volumes_and_components():
+    import torch
+
+    lsc = _load("label_side_check")
+    real = torch.zeros(3, 1, 8, 8, 8, dtype=torch.long)
+    real[:, :, 1:3, 1:3, 1:3] = 1  # 8 voxels of class 1, one blob each
+    synth = torch.zeros(2, 1, 8, 8, 8, dtype=torch.long)
+    synth[:, :, 1:3, 1:3, 1:4] = 1  # 12 voxels: +50 %
+    synth[0, :, 6, 6, 6] = 1  # a stray speck: 13 voxels and two components in the first map
+    r = lsc.compare(real, synth, ["background", "a", "b"])
+    a = r["classes"]["a"]
+    assert a["real_median_voxels"] == 8 and a["synthetic_median_voxels"] == 12.5
+    assert abs(a["difference_percent"] - 56.25) < 1e-9
+    assert a["single_component_real"] == 1.0 and a["single_component_synthetic"] == 0.5
+    assert r["all_classes_fraction"] == {"real": 0.0, "synthetic": 0.0}  # class b is nowhere
+    md = lsc.to_markdown({"model": "m", "subset": "val", "num_real": 3, "num_samples": 2, "num_inference_steps": 50,
+                          "seed": 0, "dtype": "float32", "seconds": 1.0, **r})
+    assert "| a | 8 | 12 | +56.2 % | 100 % / 50 % | 1.50 |" in md
