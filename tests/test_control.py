@@ -139,3 +139,15 @@ def test_pair_dice_is_the_mean_foreground_dice_with_absent_classes_scoring_one()
     pred[1, 0, 3] = 1  # class 1 predicted but absent: Dice 0
     expected = torch.tensor([(2 * 16 / 48 + 1.0) / 2, (0.0 + 1.0) / 2])
     assert torch.allclose(pair_dice(OneHotOf(pred), torch.zeros(2, 1, 4, 4, 4), labels, 3), expected)
+
+
+def test_a_conditioned_model_without_attribute_statistics_says_its_label_unet_is_untrained():
+    """A model folder written before its label UNet stage ran has attributes but no statistics: sampling it is a
+    ValueError that says so, not a shape error from inside the standardisation."""
+    pipe = DuoDiffusion.from_preset("tiny", num_classes=3, label_names=NAMES, attributes=["volume"])
+    assert pipe.config.attribute_mean == ()
+    for call in (lambda: pipe.sample(1, seed=0, num_inference_steps=2, dtype="float32", progress=False),
+                 lambda: pipe.sample_labels(1, seed=0, num_inference_steps=2, dtype="float32", progress=False)):
+        with pytest.raises(ValueError, match=r"conditioned on attributes \['volume'\] but records no attribute "
+                                             r"statistics .* label UNet was not trained"):
+            call()

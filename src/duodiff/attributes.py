@@ -271,11 +271,23 @@ def class_volume_request(config: PipelineConfig, class_volumes: ClassVolumes | N
 
 def attribute_context(config: PipelineConfig, class_volumes: ClassVolumes | None, num_samples: int) -> tuple:
     """``(values, mask, context, null_context)`` of a ``class_volumes`` request: the raw ``(N, A)`` values and mask,
-    and the ``(N, 1, E)`` conditional and unconditional contexts (both ``None`` for an unconditioned model)."""
+    and the ``(N, 1, E)`` conditional and unconditional contexts (both ``None`` for an unconditioned model).
+
+    Raises:
+        ValueError: the request is invalid (see :func:`requested_attributes`), or the model is conditioned but
+            records no attribute statistics (its label UNet stage has not been trained).
+    """
     c = config
     values, mask = class_volume_request(c, class_volumes, num_samples)
     if not c.attributes:
         return values, mask, None, None
+    if not c.attribute_mean or not c.attribute_std:
+        raise ValueError(
+            f"The model is conditioned on attributes {list(c.attributes)} but records no attribute statistics "
+            "(attribute_mean / attribute_std in model_index.json): its label UNet was not trained by duodiff train, "
+            "which records them when it trains the label_unet stage. Train that stage first, or use a model whose "
+            "label UNet is trained."
+        )
     dim = c.label_unet.cross_attention_dim
     context = make_context(standardise(values, c.attribute_mean, c.attribute_std), mask, dim)
     null_context = make_context(torch.zeros_like(values), torch.zeros_like(mask), dim)
